@@ -144,7 +144,8 @@ class _LazyTensor:
         item = base.dtype.itemsize
         if not self.size:
             return np.array(base[self.offset])
-        need = self.offset + 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+        last = sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+        need = self.offset + 1 + last
         if need > base.size:
             raise CheckpointError(f"tensor of shape {self.size} runs past its storage "
                                   "(truncated file?)")
