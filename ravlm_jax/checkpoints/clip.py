@@ -1,10 +1,12 @@
-"""Hugging Face CLIP checkpoints -> :class:`ViT` (and, in ``load_clip``, the text tower).
+"""Hugging Face CLIP checkpoints -> :class:`ViT`, :class:`CLIPText` and the projections.
 
 Key layout of a ``CLIPVisionTransformer`` under some prefix (``vision_model.`` in a
 ``CLIPModel``, ``encoder.`` in SmallCap, empty or ``vision_model.`` in a ``CLIPVisionModel``):
 ``embeddings.{class_embedding, patch_embedding.weight, position_embedding.weight}``,
 ``pre_layrnorm.*``, ``encoder.layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1, mlp.fc1,
-mlp.fc2, layer_norm2}``, ``post_layernorm.*``. The non-persistent ``position_ids`` buffer
+mlp.fc2, layer_norm2}``, ``post_layernorm.*``. The text tower (``text_model.`` in a
+``CLIPModel``) has ``embeddings.{token_embedding, position_embedding}.weight``, the same
+encoder layers and ``final_layer_norm.*``. The non-persistent ``position_ids`` buffer
 that old checkpoints carry is skipped by name; anything else left over is an error.
 """
 
@@ -29,6 +31,7 @@ from ravlm_jax.checkpoints.io import (
     resolve,
 )
 from ravlm_jax.models.layers import DType
+from ravlm_jax.models.text import CLIPText, CLIPTextConfig
 from ravlm_jax.models.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -90,10 +93,36 @@ def vision_from_state_dict(cfg_dict: Mapping[str, Any], state_dict: Mapping[str,
     m = KeyMapper(state_dict, prefix)
     arrays = vision_arrays(config, m)
     check_consumed(m, "CLIP vision checkpoint")
-    abstract = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0), dtype=dtype))
-    vit = fill_module(abstract, arrays, what=f"CLIP vision checkpoint (prefix {prefix!r})")
-    log.info("CLIP vision tower %s: %s", config, param_counts(vit))
-    return vit
+    return build(ViT, config, arrays, dtype, f"CLIP vision checkpoint (prefix {prefix!r})")
+
+
+def build(cls: type[nnx.Module], config: Any, arrays: Mapping[str, np.ndarray], dtype: DType,
+          what: str) -> Any:
+    """Abstract module (no random init) filled from ``arrays``, shape-checked."""
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+    module = fill_module(abstract, arrays, what=what)
+    log.info("%s %s: %s", cls.__name__, config, param_counts(module))
+    return module
+
+
+def text_arrays(config: CLIPTextConfig, m: KeyMapper) -> dict[str, np.ndarray]:
+    """``{our path: array}`` for a CLIPText from CLIPTextModel keys under ``m.prefix``."""
+    m.put("token_embedding.embedding", m.get("embeddings.token_embedding.weight"))
+    m.put("position_embedding.embedding", m.get("embeddings.position_embedding.weight"))
+    map_pre_ln_layers(m, "layers", "encoder.layers", config.layers)
+    m.layer_norm("final_norm", "final_layer_norm")
+    skip_buffers(m)
+    return m.out
+
+
+def text_from_state_dict(cfg_dict: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
+                         prefix: str = "text_model.", dtype: DType = jnp.float32) -> CLIPText:
+    """A filled :class:`CLIPText`; ``cfg_dict`` is a CLIPTextConfig or CLIPConfig dict."""
+    config = CLIPTextConfig.from_hf(cfg_dict)
+    m = KeyMapper(state_dict, prefix)
+    arrays = text_arrays(config, m)
+    check_consumed(m, "CLIP text checkpoint")
+    return build(CLIPText, config, arrays, dtype, f"CLIP text checkpoint (prefix {prefix!r})")
 
 
 def _vision_prefix(state_dict: Mapping[str, np.ndarray]) -> str:
@@ -113,3 +142,32 @@ def load_clip_vision(name_or_path: str | os.PathLike, dtype: DType = jnp.float32
     cfg = read_config(directory)
     state_dict = load_state_dict(directory)
     return vision_from_state_dict(cfg, state_dict, _vision_prefix(state_dict), dtype)
+
+
+CLIP_TOWERS = ("vision_model.", "text_model.")
+
+
+def load_clip(name_or_path: str | os.PathLike, dtype: DType = jnp.float32
+              ) -> tuple[ViT, CLIPText, dict[str, Any]]:
+    """A CLIPModel directory or hub id -> ``(vision, text, extras)``.
+
+    ``extras``: ``visual_projection`` [W_v, P] and ``text_projection`` [W_t, P] kernels
+    (numpy, ``[in, out]``: ``embeds = pooled @ kernel``), and ``logit_scale`` (a float, the
+    log of CLIP's inverse temperature; logits use ``exp(logit_scale)``).
+    """
+    directory = resolve(name_or_path)
+    cfg = read_config(directory)
+    if "vision_config" not in cfg or "text_config" not in cfg:
+        raise CheckpointError(f"{directory}/config.json is not a CLIPModel config (needs "
+                              "vision_config and text_config)")
+    state_dict = load_state_dict(directory)
+    vision = vision_from_state_dict(cfg, state_dict, "vision_model.", dtype)
+    text = text_from_state_dict(cfg, state_dict, "text_model.", dtype)
+    m = KeyMapper(state_dict)
+    extras = {"visual_projection": m.get("visual_projection.weight").T,  # [P, W_v] -> [W_v, P]
+              "text_projection": m.get("text_projection.weight").T,  # [P, W_t] -> [W_t, P]
+              "logit_scale": float(m.get("logit_scale"))}
+    left = [k for k in m.unused() if not k.startswith(CLIP_TOWERS)]
+    if left:
+        raise CheckpointError(f"CLIP checkpoint has unexpected tensors {left[:6]}")
+    return vision, text, extras
