@@ -117,7 +117,7 @@ class CLIPText(nnx.Module):
         """ids [B, T] int, mask [B, T] (1 = token) -> (tokens [B, T, W], pooled [B, W])."""
         _check_ids(ids, mask, self.config.max_len, "CLIPText")
         t = ids.shape[1]
-        x = self.token_embedding(ids) + self.position_embedding.embedding[:t][None]  # [B,T,W]
+        x = self.token_embedding(ids) + self.position_embedding(jnp.arange(t))[None]  # [B,T,W]
         x = constrain(x, ACTIVATIONS_AXES)
         attn_mask = causal_mask(t)  # [1, 1, T, T]
         if mask is not None:
@@ -214,7 +214,7 @@ class Bert(nnx.Module):
             token_type_ids = jnp.zeros(ids.shape, jnp.int32)
         t = ids.shape[1]
         x = (self.word_embeddings(ids) + self.token_type_embeddings(token_type_ids)
-             + self.position_embeddings.embedding[:t][None].astype(self.word_embeddings.dtype))
+             + self.position_embeddings(jnp.arange(t))[None])  # [B, T, W]
         x = constrain(self.embed_norm(x), ACTIVATIONS_AXES)  # [B, T, W]
         attn_mask = padding_mask(mask)  # [B, 1, 1, T]
         for layer in self.layers:

@@ -142,3 +142,14 @@ def test_sharded_clip_text_matches_single_device(fixtures_dir, mesh8):
         tokens, pooled = nnx.jit(lambda m, i, k: m(i, k))(sharded, put(ids), put(mask))
     np.testing.assert_allclose(tokens, want_tokens, atol=1e-5)
     np.testing.assert_allclose(pooled, want_pooled, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls, config", [(CLIPText, CLIP_TINY), (Bert, BERT_TINY)])
+def test_bfloat16_compute_dtype(cls, config):
+    ids = _ids((2, 6))
+    ids[:, -1] = 50
+    f32 = cls(config, rngs=nnx.Rngs(4))
+    bf16 = cls(config, rngs=nnx.Rngs(4), dtype=jnp.bfloat16)
+    (t32, _), (t16, _) = f32(ids), bf16(ids)
+    assert t16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(t16, np.float32), t32, atol=0.1, rtol=0.05)

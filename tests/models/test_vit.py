@@ -81,3 +81,15 @@ def test_sharded_forward_matches_single_device(fixtures_dir, mesh8):
     assert tokens.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(tokens, want_tokens, atol=1e-5)
     np.testing.assert_allclose(pooled, want_pooled, atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    """Parameters stay float32; ``dtype`` only sets the compute dtype (TPU runs bfloat16)."""
+    f32 = ViT(TINY, rngs=nnx.Rngs(3))
+    bf16 = ViT(TINY, rngs=nnx.Rngs(3), dtype=jnp.bfloat16)
+    assert bf16.patch_embed[...].dtype == jnp.float32
+    x = _pixels(2, seed=3)
+    (t32, p32), (t16, p16) = f32(x), bf16(x)
+    assert t16.dtype == jnp.bfloat16 and p16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(t16, np.float32), t32, atol=0.1, rtol=0.05)
+    np.testing.assert_allclose(np.asarray(p16, np.float32), p32, atol=0.1, rtol=0.05)
