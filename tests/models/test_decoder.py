@@ -259,6 +259,20 @@ def test_dropout_only_when_not_deterministic():
         dec(ids, deterministic=False)
 
 
+def test_bfloat16_compute_keeps_float32_logits_and_bf16_cache():
+    f32 = _decoder(**CROSS)
+    bf16 = nnx.merge(nnx.graphdef(_decoder(**CROSS, dtype=jnp.bfloat16)), nnx.state(f32))
+    ids, mem = _ids(2, 6), _memory(2)
+    want, _ = _fwd(f32, ids, memory=mem)
+    got, _ = _fwd(bf16, ids, memory=mem)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0.05)
+    cache = bf16.init_cache(2, 8)
+    assert cache.keys[0].dtype == jnp.bfloat16
+    _, cache = _fwd(bf16, ids, memory=mem, cache=cache)
+    assert cache.keys[0].dtype == jnp.bfloat16 and cache.valid.dtype == jnp.bool_
+
+
 # --------------------------------------------------------------------------- bad input
 
 
