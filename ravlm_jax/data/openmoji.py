@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from ravlm_jax.data.splits import SPLITS, assign_splits, group_rows
 
@@ -188,6 +189,12 @@ class OpenMoji(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "_
     def __init__(self, *args, num_workers: int | None = None, **kwargs):
         self._num_workers = num_workers
         super().__init__(*args, **kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS's default probes importlib_resources, which Python >= 3.9 does not install.
+        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size

@@ -41,10 +41,12 @@ _ASSETS = {
 
 
 class TextTokenizer:
-    """A thin, static-shape wrapper around a Hugging Face tokenizer.
+    """A thin, static-shape, thread-safe wrapper around a Hugging Face tokenizer.
 
     ``encode_batch`` always returns ``[B, max_len]`` int32 arrays so that batches have the
     shapes ``jit`` compiled for; truncation keeps the special tokens the tokenizer adds.
+    Encoding goes through the Rust backend with truncation and padding switched off for
+    good (per-call settings would mutate shared state under the pipeline's threads).
     """
 
     def __init__(self, hf_tokenizer, name: str, *, expected_vocab_size: int | None = None):
@@ -54,6 +56,10 @@ class TextTokenizer:
         if expected_vocab_size is not None and self.vocab_size != expected_vocab_size:
             raise ValueError(f"{name} tokenizer has {self.vocab_size} ids, expected "
                              f"{expected_vocab_size}: the vocabulary file is not the expected one")
+        self._backend = hf_tokenizer.backend_tokenizer
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self._num_special = self._backend.num_special_tokens_to_add(is_pair=False)
         self.pad_id = int(hf_tokenizer.pad_token_id)
         self.bos_id = int(hf_tokenizer.bos_token_id if hf_tokenizer.bos_token_id is not None
                           else hf_tokenizer.cls_token_id)
@@ -65,7 +71,7 @@ class TextTokenizer:
                 f"bos={self.bos_id}, eos={self.eos_id})")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, texts: Sequence[str], max_len: int, *,
                      add_special_tokens: bool = True, append_eos: bool = False
@@ -75,18 +81,19 @@ class TextTokenizer:
         ``append_eos`` ends each sequence with ``eos_id`` (kept under truncation) for
         tokenizers that do not add one themselves (GPT-2 captions for a decoder).
         """
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
         texts = [texts] if isinstance(texts, str) else list(texts)
+        special = self._num_special if add_special_tokens else 0
+        eos = 1 if append_eos else 0
+        if max_len < special + eos + 1:
+            raise ValueError(f"max_len {max_len} leaves no room for text after "
+                             f"{special + eos} special tokens")
         ids = np.full((len(texts), max_len), self.pad_id, np.int32)  # [B, L]
         mask = np.zeros((len(texts), max_len), np.int32)  # [B, L]
-        if not texts:
-            return ids, mask
-        reserve = 1 if append_eos else 0
-        encoded = self.hf(texts, add_special_tokens=add_special_tokens, truncation=True,
-                          max_length=max(max_len - reserve, 1))["input_ids"]
-        for row, seq in enumerate(encoded):
-            seq = list(seq)[: max_len - reserve]
+        for row, enc in enumerate(self._backend.encode_batch(texts, add_special_tokens=False)):
+            enc.truncate(max_len - special - eos)
+            if add_special_tokens:
+                enc = self._backend.post_process(enc, add_special_tokens=True)
+            seq = list(enc.ids)
             if append_eos and (not seq or seq[-1] != self.eos_id):
                 seq.append(self.eos_id)
             ids[row, : len(seq)] = seq
