@@ -275,7 +275,9 @@ class Decoder(nnx.Module):
 
         memory / memory_kv: the memory to cross-attend to (raw, or from
         :meth:`encode_memory`); neither means a plain LM pass, as in GPT-2.
-        memory_mask ``[B, M]``: 1 = attend (SmallCap uses none).
+        memory_mask ``[B, M]``: 1 = attend (SmallCap uses none); or ``[B, T, M]`` to give
+        each query position its own view of the memory (chunked cross-attention: the
+        captioner's teacher forcing shows each chunk the neighbours retrieved for it).
         attention_mask ``[B, T]``: 1 = real token, 0 = padding (left or right). Positions
         count real tokens only, as Hugging Face ``generate`` does for left padding.
         cache: without one, a full causal pass over positions 0..T-1; with one, the T
@@ -287,7 +289,7 @@ class Decoder(nnx.Module):
         if ids.ndim != 2:
             raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
         b, t = ids.shape
-        memory_kv, cross_mask = self._cross_inputs(b, memory, memory_kv, memory_mask)
+        memory_kv, cross_mask = self._cross_inputs(b, t, memory, memory_kv, memory_mask)
         tokens = (jnp.ones((b, t), bool) if attention_mask is None
                   else self._check_mask(attention_mask, (b, t), "attention_mask"))
         count = jnp.cumsum(tokens, axis=-1, dtype=jnp.int32)  # [B, T]
@@ -337,7 +339,8 @@ class Decoder(nnx.Module):
         logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def _cross_inputs(self, b: int, memory: jax.Array | None, memory_kv: MemoryKV | None,
+    def _cross_inputs(self, b: int, t: int, memory: jax.Array | None,
+                      memory_kv: MemoryKV | None,
                       memory_mask: jax.Array | None
                       ) -> tuple[MemoryKV | None, jax.Array | None]:
         if memory is not None and memory_kv is not None:
@@ -358,6 +361,11 @@ class Decoder(nnx.Module):
             raise ValueError(f"memory has batch {mb}, ids have batch {b}")
         if memory_mask is None:
             return memory_kv, None
+        if memory_mask.ndim == 3:
+            if tuple(memory_mask.shape) != (b, t, m):
+                raise ValueError(f"memory_mask must have shape {(b, m)} or {(b, t, m)}, got "
+                                 f"{tuple(memory_mask.shape)}")
+            return memory_kv, memory_mask.astype(bool)[:, None]  # [B, 1, T, M]
         mask = self._check_mask(memory_mask, (b, m), "memory_mask")
         return memory_kv, layers.padding_mask(mask)  # [B, 1, 1, M]
 
