@@ -71,7 +71,8 @@ class Skipped:
     message: str
 
 
-_PAD = "pad"  # marker for the rows that equalise shard sizes in remainder="pad" mode
+# Marks the rows that equalise shard sizes in remainder="pad" mode (a str survives pickling).
+_PAD = "__ravlm_jax_padding_row__"
 
 
 class Preprocessor:

@@ -206,6 +206,7 @@ class LocalSource:
                  split: str = "train", *, name: str = "local", seed: int = 0,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS):
         self.name, self.split, self.base_dir = name, split, Path(base_dir)
+        self.images_without_captions = 0  # counted by from_folder
         rows = [self._normalise(i, r) for i, r in enumerate(records)]
         first_of: dict[Any, int] = {}
         for i, r in enumerate(rows):
