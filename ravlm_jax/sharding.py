@@ -119,20 +119,30 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
     return variable.get_metadata().get(LOGICAL_AXES_KEY)
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def state_specs(state: Any, mesh: Mesh | None = None, rules: Rules | None = None) -> Any:
-    """PartitionSpecs for an nnx State (or any pytree of Variables/arrays)."""
+    """PartitionSpecs for an nnx State (or any pytree of Variables/arrays). Each Variable
+    keeps its place and holds its spec, so the result has the state's exact tree structure
+    (usable with jax.tree.map alongside the state, optax state and jit shardings)."""
 
     def spec(x):
-        if isinstance(x, nnx.Variable):
-            return logical_to_spec(logical_axes_of(x), x.get_value().shape, mesh, rules)
+        if _is_variable(x):
+            return x.replace(logical_to_spec(logical_axes_of(x), x.get_value().shape, mesh,
+                                             rules))
         return P()
 
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(spec, state, is_leaf=_is_variable)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, mesh, rules),
-                        is_leaf=lambda x: isinstance(x, P))
+    """NamedShardings with the state's exact tree structure (see :func:`state_specs`)."""
+    to_named = lambda s: NamedSharding(mesh, s.get_value() if _is_variable(s) else s)
+    return jax.tree.map(
+        lambda s: s.replace(to_named(s)) if _is_variable(s) else to_named(s),
+        state_specs(state, mesh, rules), is_leaf=lambda x: _is_variable(x) or isinstance(x, P))
 
 
 def named_specs(module_or_state: Any, mesh: Mesh | None = None,
