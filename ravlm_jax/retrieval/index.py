@@ -273,12 +273,12 @@ class ExactIndex:
               check: bool = True) -> ExactIndex:
         """``embeddings [N, D]`` unit vectors (numpy or memmap). Each device reads only its own
         rows (``make_array_from_callback``), so a memmap far larger than one host's share is
-        never loaded whole. ``dtype`` defaults to the input's (bfloat16 halves TPU memory)."""
+        never loaded whole. ``dtype`` is the table's on device (``bfloat16`` halves TPU
+        memory; scores are accumulated in float32 either way)."""
         if check:
             check_unit_vectors(embeddings)
         n, d = embeddings.shape
-        dtype = jnp.dtype(dtype or (np.float16 if embeddings.dtype == np.float16
-                                    else np.float32))
+        dtype = jnp.dtype(dtype or np.float32)
         shards = num_datastore_shards(mesh, rules)
         rows = max(shards, -(-n // shards) * shards)  # pad to a multiple of the shard count
         sharding = (NamedSharding(mesh, datastore_spec(mesh, rows, rules)) if mesh is not None

@@ -75,6 +75,15 @@ def test_sharded_exact_on_8_devices_equals_unsharded(mesh8):
         np.testing.assert_array_equal(i1, numpy_top_k(db, q, k)[1])
 
 
+def test_bfloat16_table_keeps_the_nearest_neighbours(mesh8):
+    db, q = random_unit(512, 32, 14), random_unit(6, 32, 15)
+    index = ExactIndex.build(db, mesh8, dtype="bfloat16")
+    assert index.table.dtype == jnp.bfloat16
+    scores, ids = index.search(q, 3)
+    np.testing.assert_array_equal(ids[:, 0], numpy_top_k(db, q, 1)[1][:, 0])
+    np.testing.assert_allclose(scores, numpy_top_k(db, q, 3)[0], atol=2e-2)
+
+
 def test_exact_search_in_graph_with_traced_valid_count(mesh8):
     """Generation calls exact_search inside its own jit: valid_count is a traced value, so
     a datastore that grows inside a preallocated table needs no recompilation."""
