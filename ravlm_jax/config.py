@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
+    root = str(file.resolve().parent.parent)  # configs/x.py may import configs.common
+    if root not in sys.path:
+        sys.path.insert(0, root)
     module_spec = importlib.util.spec_from_file_location(f"ravlm_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -1,0 +1,78 @@
+"""The trained model as ``infer.py`` and evaluation load it.
+
+``WORKDIR/model/`` holds ``config.json`` (the run's resolved config) and ``params/`` (every
+parameter of the captioner, frozen towers included, as one orbax checkpoint). It is written
+to a temporary directory and renamed, so a half-written export never looks valid.
+``WORKDIR/datastore/`` (the retrieval issue's format) sits beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ravlm_jax.models.captioner import Captioner
+from ravlm_jax.models.factory import build_captioner
+from ravlm_jax.sharding import make_mesh, state_shardings
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """A run workdir or a model dir -> the model dir; one-line error if neither."""
+    path = Path(path)
+    for candidate in (path / "model", path):
+        if (candidate / "config.json").is_file() and (candidate / "params").is_dir():
+            return candidate
+    raise ModelNotFound(f"{path} holds no trained model (expected {path}/model/config.json "
+                        "and params/, written at the end of train.py)")
+
+
+def export_model(directory: str | os.PathLike, model: Captioner,
+                 config: ml_collections.ConfigDict) -> Path:
+    directory = Path(directory).absolute()
+    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    state = nnx.to_pure_dict(nnx.state(model))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp / "params", state)
+        ckpt.wait_until_finished()
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_config_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads((model_dir(path) / "config.json").read_text()))
+
+
+def load_model(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[Captioner, ml_collections.ConfigDict]:
+    """Rebuild the captioner from its config (abstractly: no random init runs) and restore
+    its parameters straight into their shardings on ``mesh`` (default: all devices on
+    ``data``, parameters replicated or split per the logical-axis rules)."""
+    directory = model_dir(path)
+    config = load_config_json(directory)
+    mesh = mesh or make_mesh(tuple(config.mesh.shape) if "mesh" in config else None)
+    abstract = nnx.eval_shape(lambda: build_captioner(config.model, nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(directory / "params", target)
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    return nnx.merge(graphdef, abstract_state), config
