@@ -349,3 +349,47 @@ def loader_from_config(data_config: Mapping[str, Any], split: str, *, batch_size
         remainder=remainder or ("drop" if train else "pad"), shard_index=shard_index,
         shard_count=shard_count, num_threads=int(cfg.get("num_threads", 4)))
     return source, loader
+
+
+class IndexLoader:
+    """Shuffled batches of example rows only: ``{"source_id": [B] int32}``.
+
+    For steps that read everything else from device-resident tables and feature caches (a
+    run whose towers are frozen and cached): same shuffling per epoch, per-process shards
+    and exactly-resumable JSON state as :class:`Loader`, without decoding a single image.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, seed: int = 0,
+                 shard_index: int | None = None, shard_count: int | None = None):
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"IndexLoader needs n >= 1 and batch_size >= 1 (got {n}, "
+                             f"{batch_size})")
+        self.shard_index, self.shard_count = _process_shard(shard_index, shard_count)
+        self.batch_size, self.source_len = batch_size, n
+        ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+        ds = ds[self.shard_index::self.shard_count].batch(batch_size, drop_remainder=True)
+        ds = ds.map(lambda rows: {"source_id": np.asarray(rows, np.int32)})
+        self._iterator = iter(ds.to_iter_dataset())
+
+    def __iter__(self) -> IndexLoader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._iterator.set_state(state)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.source_len // self.shard_count // self.batch_size
+
+    def close(self) -> None:
+        pass
