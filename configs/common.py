@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
         top_k=0, top_p=1.0))
 
     c.eval = ml_collections.ConfigDict(dict(
-        split="test", ks=(0, 1, 4, 8), max_examples=None, batch_size=64, datastore_swap=True,
+        enabled=True, split="test", ks=(0, 1, 4, 8), max_examples=None, batch_size=64,
+        datastore_swap=True,
         recall_ks=(1, 5, 10)))
     return c
 

@@ -1,0 +1,539 @@
+"""``train_and_evaluate(config, workdir)``: the stages of a run, resumable at any moment.
+
+Stages (``config.train.stages``):
+
+1. ``contrastive``: align the dual encoder (projections, fusion, and any tower the config
+   does not freeze) with an in-batch contrastive loss;
+2. ``datastore``: encode the training captions with the aligned encoder and write the
+   datastore (``WORKDIR/datastore``) with its index;
+3. ``caption``: for every training example and every generation chunk, retrieve the top-K
+   neighbours with the query generation will use at that chunk (leakage-filtered), then
+   train the decoder by teacher forcing on k sampled neighbours per chunk.
+
+Then the model is exported (``WORKDIR/model``), evaluated (``WORKDIR/eval.json``) and the
+curves are drawn (``WORKDIR/curves.png``). Every stage checkpoints (train state + data
+iterator state) with orbax; a rerun with the same workdir resumes where the last one
+stopped and produces the same metrics, step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from ravlm_jax.data.pipeline import IndexLoader, loader_from_config
+from ravlm_jax.data.sources import open_source
+from ravlm_jax.data.tokenizers import get_tokenizer
+from ravlm_jax.models.factory import build_captioner, pretrained_tower_arrays
+from ravlm_jax.retrieval.datastore import Datastore, build_datastore, encoder_fingerprint
+from ravlm_jax.sharding import batch_sharding, create_sharded, make_mesh, state_shardings
+from ravlm_jax.train import features as feats
+from ravlm_jax.train.checkpoint import StageCheckpoints, abstract_with_shardings
+from ravlm_jax.train.export import export_model
+from ravlm_jax.train.metrics import MetricsWriter, check_finite, plot_curves
+from ravlm_jax.train.state import (
+    count,
+    create_train_state,
+    make_optimizer,
+    split_model,
+)
+from ravlm_jax.train.steps import (
+    caption_loss_fn,
+    compile_step,
+    contrastive_loss_fn,
+    make_train_step,
+)
+from ravlm_jax.train.tables import CaptionTables, build_tables, payload_ids
+
+log = logging.getLogger(__name__)
+
+STAGES = ("contrastive", "datastore", "caption")
+
+
+def say(msg: str) -> None:
+    tqdm.write(msg)
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------ run setup
+
+def mesh_from_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    shape = tuple(config.mesh.shape)
+    devices = jax.devices()
+    if -1 not in shape:
+        need = math.prod(shape)
+        if need > len(devices):
+            raise ValueError(f"mesh {shape} needs {need} devices, {len(devices)} available")
+        devices = devices[:need]
+    return make_mesh(shape, devices)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "scann",
+                "tensorflow-datasets", "transformers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def write_run_info(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """The resolved config (checked against the one a resumed run was started with),
+    package versions and git commit."""
+    cfg_path = workdir / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        new = json.loads(text)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                         and k not in ("eval",))
+        if changed:
+            raise ValueError(f"{workdir} holds a run with a different config (section "
+                             f"{changed[0]!r} differs); use a new --workdir")
+    cfg_path.write_text(text)
+    info = {"versions": _versions(), "git_commit": _git_commit(),
+            "devices": [str(d) for d in jax.devices()], "argv": sys.argv}
+    (workdir / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+class Run:
+    """Everything the stages share: mesh, tokenizers, the training split, tables, model."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config, self.workdir = config, workdir
+        self.mesh = mesh_from_config(config)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.progress = bool(config.train.get("progress", True))
+        caption_cfg = config.data.texts.caption
+        self.text_tok = get_tokenizer(caption_cfg.tokenizer)
+        self.dec_tok = get_tokenizer(config.model.tokenizer)
+        self.train_source = open_source(config.data, "train")
+        self.tables = self.make_tables(self.train_source)
+        self.model = self.make_model()
+        self.cached = self._use_cache()
+        self.features: dict[str, np.ndarray] = {}
+
+    # -- data
+    def make_tables(self, source) -> CaptionTables:
+        cfg = self.config
+        return build_tables(source, self.text_tok, self.dec_tok,
+                            text_len=int(cfg.data.texts.caption.max_len),
+                            dec_len=int(cfg.model.get("caption_len", 24)),
+                            chunk_len=int(cfg.model.captioner.chunk_len),
+                            max_captions=int(cfg.data.get("max_captions", 1)))
+
+    # -- model
+    def make_model(self):
+        cfg = self.config
+        model = create_sharded(lambda: build_captioner(cfg.model, nnx.Rngs(cfg.seed)),
+                               self.mesh)
+        arrays = pretrained_tower_arrays(cfg.model)
+        if arrays:
+            graphdef, state = nnx.split(model)
+            flat = dict(nnx.to_flat_state(state))
+            shardings = dict(nnx.to_flat_state(state_shardings(state, self.mesh)))
+            for path, var in flat.items():
+                key = ".".join(str(p) for p in path)
+                if key in arrays:
+                    sh = shardings[path].get_value()
+                    var.set_value(jax.device_put(arrays[key].astype(var.get_value().dtype), sh))
+            model = nnx.merge(graphdef, state)
+        return model
+
+    def _use_cache(self) -> bool:
+        if not self.config.train.get("cache_frozen_features", True):
+            return False
+        graphdef, params, frozen, rest = split_model(self.model, self.config.model.freeze)
+        flat = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(frozen)]
+        towers = ("encoder.image_tower.", "encoder.text_tower.")
+        tower_params = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(
+            nnx.state(self.model, nnx.Param)) if ".".join(map(str, p)).startswith(towers)]
+        return bool(tower_params) and set(tower_params) <= set(flat)
+
+    def put(self, tree: Any) -> Any:
+        """Host arrays -> replicated device arrays."""
+        return jax.device_put(tree, self.replicated)
+
+    def batch_to_device(self, batch: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict:
+        return {k: jax.make_array_from_process_local_data(
+            batch_sharding(self.mesh, batch[k].ndim), batch[k]) for k in keys}
+
+    # -- feature cache (frozen towers)
+    def ensure_features(self) -> None:
+        if not self.cached or self.features:
+            return
+        path = self.workdir / "cache" / "train_features.npz"
+        cached = feats.load_cache(path)
+        if cached is None:
+            t0 = time.perf_counter()
+            say("caching frozen-tower features of the training split")
+            cfg = self.config
+            _, loader = loader_from_config(cfg.data, "train", batch_size=int(
+                cfg.train.get("feature_batch_size", 64)), shuffle=False, num_epochs=1,
+                remainder="pad")
+            pooled, tokens = feats.image_features(self.model, loader, len(self.train_source),
+                                                  self.mesh, self.progress)
+            t = self.tables
+            text = feats.text_features(self.model, t.text_ids, t.text_mask, self.mesh,
+                                       progress=self.progress, desc="caption features")
+            prefix = feats.text_features(self.model, t.prefix_ids, t.prefix_mask, self.mesh,
+                                         progress=self.progress, desc="prefix features")
+            cached = {"image_pooled": pooled, "image_tokens": tokens, "text_pooled": text,
+                      "prefix_pooled": prefix}
+            feats.save_cache(path, **cached)
+            say(f"cached features in {time.perf_counter() - t0:.1f}s: image tokens "
+                f"{tokens.shape}, captions {text.shape}, prefixes {prefix.shape}")
+        self.features = cached
+
+    def train_loader(self, batch_size: int, seed: int):
+        if self.cached:
+            return IndexLoader(len(self.train_source), batch_size=batch_size, seed=seed)
+        _, loader = loader_from_config(self.config.data, "train", batch_size=batch_size,
+                                       seed=seed)
+        return loader
+
+
+# ------------------------------------------------------------------ generic stage loop
+
+def run_stage(run: Run, stage: str, loss_fn, tables: dict[str, np.ndarray],
+              frozen_patterns: tuple[str, ...], cfg: ml_collections.ConfigDict) -> None:
+    """Train one stage to ``cfg.steps``, resuming from its newest checkpoint; updates
+    ``run.model`` with the trained parameters."""
+    config, workdir, mesh = run.config, run.workdir, run.mesh
+    steps, batch_size = int(cfg.steps), int(cfg.batch_size)
+    graphdef, params, frozen, rest = split_model(run.model, frozen_patterns)
+    tx, schedule = make_optimizer(cfg, steps)
+    say(f"[{stage}] trainable {count(params):,} params, frozen {count(frozen):,}")
+    state, state_sh = create_train_state(params, tx, mesh)
+    ckpt = StageCheckpoints(workdir, stage, max_to_keep=int(config.train.keep_checkpoints))
+    seed = int(config.seed) + STAGES.index(stage)
+    loader = run.train_loader(batch_size, seed)
+    restored = ckpt.restore_latest(abstract_with_shardings(state))
+    start = 0
+    if restored is not None:
+        start, state, data_state = restored
+        if data_state:
+            loader.set_state(data_state)
+        say(f"[{stage}] resumed from step {start}")
+    if start >= steps:
+        run.model = nnx.merge(graphdef, state.params, frozen, rest)
+        ckpt.close()
+        return
+
+    batch_keys = ("source_id",) if run.cached else ("source_id", "pixels")
+    dev_tables = run.put(tables)
+    table_sh = jax.tree.map(lambda _: run.replicated, dev_tables)
+    frozen_sh = state_shardings(frozen, mesh)
+    first = next(loader)
+    batch_sh = {k: batch_sharding(mesh, first[k].ndim) for k in batch_keys}
+    step_fn = make_train_step(loss_fn, tx, schedule, graphdef, seed, state_sh, frozen_sh,
+                              table_sh, batch_sh, run.replicated)
+    dev_batch = run.batch_to_device(first, batch_keys)
+    with jax.set_mesh(mesh):
+        compiled, info = compile_step(step_fn, state, frozen, rest, dev_tables, dev_batch)
+    say(f"[{stage}] step compiled: {json.dumps(info)}")
+    (workdir / f"compile_{stage}.json").write_text(json.dumps(info, indent=2))
+
+    writer = MetricsWriter(workdir, stage, resume_step=start)
+    log_every = max(int(config.train.log_every), 1)
+    ckpt_every = max(int(config.train.checkpoint_every), 1)
+    bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not run.progress)
+    t_last, n_last = time.perf_counter(), 0
+    batch = first
+    try:
+        for step in range(start, steps):
+            if step > start:
+                batch = next(loader)
+            with jax.set_mesh(mesh):
+                state, metrics = compiled(state, frozen, rest, dev_tables,
+                                          run.batch_to_device(batch, batch_keys))
+            loss = float(metrics["loss"])  # host sync: the NaN guard checks every step
+            check_finite(stage, step + 1, {"loss": loss})
+            n_last += batch_size
+            bar.update(1)
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                now = time.perf_counter()
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                row["examples_per_sec"] = n_last / max(now - t_last, 1e-9)
+                check_finite(stage, done, row)
+                writer.write(done, row)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                t_last, n_last = now, 0
+            if done % ckpt_every == 0 or done == steps:
+                ckpt.save(done, state, loader.get_state(), force=done == steps)
+        ckpt.wait()
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+        if hasattr(loader, "close"):
+            loader.close()
+    skipped = getattr(loader, "skipped", {})
+    if any(skipped.values()):
+        say(f"[{stage}] skipped examples: {skipped}")
+    run.model = nnx.merge(graphdef, state.params, frozen, rest)
+
+
+# ------------------------------------------------------------------ stages
+
+def _tables_for_step(run: Run) -> dict[str, np.ndarray]:
+    t = run.tables.device_arrays()
+    if run.cached:
+        run.ensure_features()
+        t = dict(t, **run.features)
+    return t
+
+
+def stage_contrastive(run: Run) -> None:
+    cfg = run.config.train.contrastive
+    tables = _tables_for_step(run)
+    tables.pop("image_tokens", None)
+    for k in ("dec_ids", "dec_mask"):
+        tables.pop(k)
+    # only the encoder trains here (minus the towers the config freezes)
+    frozen = tuple(run.config.model.freeze) + (r"(?!encoder\.)",)
+    run_stage(run, "contrastive", contrastive_loss_fn(cfg.loss, float(cfg.prefix_loss_weight)),
+              tables, frozen, cfg)
+
+
+def encoder_fingerprint_of(run: Run) -> str:
+    return encoder_fingerprint(nnx.state(run.model.encoder, nnx.Param),
+                               run.config.model.to_dict())
+
+
+def _text_keys(run: Run, tables: CaptionTables, features: dict | None) -> np.ndarray:
+    """Unit key vectors [N, R, D] of the captions in ``tables``."""
+    graphdef, state = nnx.split(run.model.encoder)
+
+    if features is not None and "text_pooled" in features:
+        def fn(state, pooled):
+            return nnx.merge(graphdef, state).embed_text_pooled(pooled)
+
+        pooled = features["text_pooled"]
+        flat = pooled.reshape(-1, pooled.shape[-1])
+        out = feats.batched_apply(fn, state, (flat,), 256, run.mesh)
+        return out.reshape(*pooled.shape[:-1], -1)
+
+    def fn(state, ids, mask):
+        return nnx.merge(graphdef, state).encode_text(ids, mask)
+
+    ids, mask = tables.text_ids, tables.text_mask
+    out = feats.batched_apply(fn, state, (ids.reshape(-1, ids.shape[-1]),
+                                          mask.reshape(-1, mask.shape[-1])), 64, run.mesh,
+                              "datastore keys", run.progress)
+    return out.reshape(*ids.shape[:-1], -1)
+
+
+def datastore_rows(run: Run, source, tables: CaptionTables, keys: np.ndarray, split: str
+                   ) -> list[dict[str, Any]]:
+    """Batches for ``build_datastore``: one row per caption (example row, caption r)."""
+    n_len = int(run.config.model.captioner.neighbour_len)
+    rows = [(i, r) for i in range(tables.size) for r in range(int(tables.count[i]))]
+    image_dir = run.workdir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    batches = []
+    for start in range(0, len(rows), 512):
+        part = rows[start:start + 512]
+        texts = [tables.texts[i][r] for i, r in part]
+        ids, _ = payload_ids(run.dec_tok, texts, n_len)
+        refs = []
+        for i, _ in part:
+            img = image_dir / f"{i}.png"
+            if not img.exists():
+                _write_thumbnail(source, i, img)
+            refs.append(f"../images/{split}/{i}.png" if img.exists() else "")
+        batches.append({
+            "keys": np.stack([keys[i, r] for i, r in part]).astype(np.float32),
+            "text": texts, "token_ids": ids,
+            "source_id": np.array([i for i, _ in part], np.int64) + (
+                0 if split == "train" else 1 << 40),
+            "group_id": np.array([tables.group_id[i] for i, _ in part], np.int64),
+            "image_ref": refs,
+        })
+    return batches
+
+
+def _write_thumbnail(source, i: int, path: Path) -> None:
+    from PIL import Image
+
+    from ravlm_jax.data.images import ImageError, decode_image
+
+    try:
+        img = decode_image(source[i]["image"], name=f"row {i}")
+    except ImageError:
+        return
+    Image.fromarray(img).save(path)
+
+
+def build_run_datastore(run: Run, out: Path, parts: list[tuple[Any, CaptionTables, dict | None,
+                                                               str]]) -> Path:
+    if (out / "manifest.json").exists():
+        return out
+    batches = []
+    for source, tables, features, split in parts:
+        keys = _text_keys(run, tables, features)
+        batches += datastore_rows(run, source, tables, keys, split)
+    r = run.config.retrieval
+    return build_datastore(out, lambda b: b["keys"], batches,
+                           fingerprint=encoder_fingerprint_of(run),
+                           config_dict=run.config.to_dict(), tokenizer_name=run.dec_tok.name,
+                           dtype=str(r.dtype), index_kind=str(r.index),
+                           index_params=dict(r.index_params), pad_id=run.dec_tok.pad_id,
+                           progress=run.progress)
+
+
+def stage_datastore(run: Run) -> None:
+    if run.cached:
+        run.ensure_features()
+    path = build_run_datastore(run, run.workdir / "datastore",
+                               [(run.train_source, run.tables,
+                                 run.features if run.cached else None, "train")])
+    say(f"[datastore] {path} ({Datastore.load(path).size} rows)")
+
+
+def open_datastore(run: Run, path: Path | None = None) -> Datastore:
+    path = path or run.workdir / "datastore"
+    return Datastore.load(path, expect_fingerprint=encoder_fingerprint_of(run),
+                          mesh=run.mesh)
+
+
+def query_vectors(run: Run, tables: CaptionTables, features: dict | None,
+                  image_pooled: np.ndarray | None = None, pixels_loader=None) -> np.ndarray:
+    """The query of every (example, caption, chunk) [N, R, C, D]: the image alone at chunk 0
+    (and wherever the prefix is empty or complete), E(prefix, image) elsewhere."""
+    graphdef, state = nnx.split(run.model.encoder)
+    if features is not None:
+        img_pooled, pre_pooled = features["image_pooled"], features["prefix_pooled"]
+    else:
+        img_pooled = image_pooled
+        pre_pooled = feats.text_features(run.model, tables.prefix_ids, tables.prefix_mask,
+                                         run.mesh, progress=run.progress,
+                                         desc="prefix features")
+
+    def img_fn(state, pooled):
+        return nnx.merge(graphdef, state).embed_image_pooled(pooled)
+
+    u_img = feats.batched_apply(img_fn, state, (img_pooled,), 256, run.mesh)  # [N, D]
+    n, r, c, wt = pre_pooled.shape
+    flat_img = np.broadcast_to(u_img[:, None, None], (n, r, c, u_img.shape[-1]))
+    flat_img = np.ascontiguousarray(flat_img).reshape(-1, u_img.shape[-1])
+
+    def fuse_fn(state, u, pooled, has):
+        e = nnx.merge(graphdef, state)
+        return e.fuse(u, e.embed_text_pooled(pooled), has)
+
+    q = feats.batched_apply(fuse_fn, state, (flat_img, pre_pooled.reshape(-1, wt),
+                                             tables.prefix_valid.reshape(-1)), 256, run.mesh)
+    return q.reshape(n, r, c, -1)
+
+
+def encoder_image_pooled(run: Run, split: str, n: int) -> np.ndarray:
+    _, loader = loader_from_config(run.config.data, split, batch_size=64, shuffle=False,
+                                   num_epochs=1, remainder="pad")
+    pooled, _ = feats.image_features(run.model, loader, n, run.mesh, run.progress)
+    return pooled
+
+
+def train_neighbours(run: Run, datastore: Datastore) -> np.ndarray:
+    """[N, R, C, K] leakage-filtered neighbour rows for every training (example, caption,
+    chunk), cached in the workdir."""
+    path = run.workdir / "cache" / "train_neighbours.npz"
+    cached = feats.load_cache(path)
+    if cached is not None and cached.get("fingerprint", np.array("")).item() == \
+            datastore.fingerprint:
+        return cached["neighbours"]
+    t0 = time.perf_counter()
+    features = run.features if run.cached else None
+    img = None if run.cached else encoder_image_pooled(run, "train", len(run.train_source))
+    q = query_vectors(run, run.tables, features, img)  # [N, R, C, D]
+    n, r, c, d = q.shape
+    top_k = int(run.config.retrieval.top_k)
+    groups = np.repeat(run.tables.group_id, r * c)
+    sources = np.repeat(np.arange(n, dtype=np.int64), r * c)
+    _, ids = datastore.search(q.reshape(-1, d), top_k, query_group_ids=groups,
+                              query_source_ids=sources)
+    nb = ids.reshape(n, r, c, top_k).astype(np.int32)
+    feats.save_cache(path, neighbours=nb, fingerprint=np.array(datastore.fingerprint))
+    say(f"[caption] neighbours for {n * r * c:,} queries in {time.perf_counter() - t0:.1f}s")
+    return nb
+
+
+def stage_caption(run: Run) -> None:
+    cfg, rcfg = run.config.train.caption, run.config.retrieval
+    if run.cached:
+        run.ensure_features()
+    datastore = open_datastore(run)
+    tables = _tables_for_step(run)
+    for k in ("image_pooled", "text_pooled", "prefix_pooled", "text_ids", "text_mask",
+              "prefix_ids", "prefix_mask", "prefix_valid"):
+        tables.pop(k, None)
+    tables["neighbours"] = train_neighbours(run, datastore)
+    pay = np.asarray(datastore.token_ids)
+    tables["payload_ids"] = pay
+    tables["payload_mask"] = (pay != datastore.manifest["payload"]["pad_id"]).astype(np.int32)
+    k_max = int(run.config.model.captioner.k_max)
+    loss = caption_loss_fn(k_max, float(rcfg.k_dropout), float(rcfg.neighbour_dropout),
+                           float(cfg.get("label_smoothing", 0.0)))
+    # the encoder is fixed now: the datastore's keys were made with it
+    frozen = tuple(run.config.model.freeze) + (r"encoder\.",)
+    run_stage(run, "caption", loss, tables, frozen, cfg)
+
+
+# ------------------------------------------------------------------ entry point
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_run_info(workdir, config)
+    unknown = [s for s in config.train.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; stages are {STAGES}")
+    t0 = time.perf_counter()
+    run = Run(config, workdir)
+    say(f"run: {len(run.train_source)} training examples, mesh {dict(run.mesh.shape)}, "
+        f"frozen-feature cache {'on' if run.cached else 'off'}")
+    for stage in config.train.stages:
+        {"contrastive": stage_contrastive, "datastore": stage_datastore,
+         "caption": stage_caption}[stage](run)
+    export_model(workdir / "model", run.model, config)
+    results: dict[str, Any] = {}
+    if config.get("eval") and config.eval.get("enabled", True) and "caption" in \
+            config.train.stages:
+        from ravlm_jax.train.evaluation import evaluate_run
+
+        results = evaluate_run(run)
+        (workdir / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    plot_curves(workdir)
+    say(f"done in {time.perf_counter() - t0:.1f}s: {workdir}")
+    return results
