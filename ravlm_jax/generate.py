@@ -60,10 +60,12 @@ NO_GROUP = -2  # group code of a query that excludes nothing (matches no payload
 class GenerateConfig:
     """How to decode. ``max_len`` counts generated tokens (EOS included, BOS and prompt not).
 
-    ``tokenizer`` names the decoder vocabulary, ``text_tokenizer`` the text tower's; when they
-    are the same the query text is formed in the graph, otherwise on the host (decode with
-    one, re-encode with the other). ``bos_id``/``eos_id``/``pad_id`` default to the decoder
-    tokenizer's (BERT: [CLS], [SEP], [PAD]).
+    ``tokenizer`` names the decoder vocabulary, ``text_tokenizer`` the text tower's (pass
+    tokenizer objects to :func:`make_generator` for a run's own vocabulary, e.g. a
+    ``SubsetTokenizer``). ``bos_id``/``eos_id``/``pad_id`` default to the decoder
+    tokenizer's (BERT: [CLS], [SEP], [PAD]). ``decoder_vocab`` is the run config's
+    ``model.decoder_vocab``: ``"train"`` means the decoder uses a subset saved with the run,
+    which :func:`make_generator` must be given.
     """
 
     strategy: str = "greedy"
@@ -75,6 +77,7 @@ class GenerateConfig:
     top_p: float = 1.0
     tokenizer: str = "bert"
     text_tokenizer: str = "bert"
+    decoder_vocab: str = "full"
     bos_id: int | None = None
     eos_id: int | None = None
     pad_id: int | None = None
@@ -91,22 +94,17 @@ class GenerateConfig:
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, "
                              f"{self.top_p}")
-        if None in (self.bos_id, self.eos_id, self.pad_id):
-            from ravlm_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
-
-            tok = get_tokenizer(self.tokenizer)
-            for name, value in (("bos_id", tok.bos_id), ("eos_id", tok.eos_id),
-                                ("pad_id", tok.pad_id)):
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, int(value))
 
     @property
     def beams(self) -> int:
         return self.num_beams if self.strategy == "beam" else 1
 
-    @property
-    def same_vocab(self) -> bool:
-        return self.tokenizer == self.text_tokenizer
+    def with_ids_of(self, tokenizer: Any) -> GenerateConfig:
+        """Fill the missing special ids from the decoder's tokenizer."""
+        missing = {name: int(getattr(tokenizer, name)) for name in ("bos_id", "eos_id",
+                                                                    "pad_id")
+                   if getattr(self, name) is None}
+        return dataclasses.replace(self, **missing) if missing else self
 
     @classmethod
     def from_config(cls, cfg: Any = None, **overrides: Any) -> GenerateConfig:
@@ -123,8 +121,11 @@ class GenerateConfig:
             if "generate" in cfg and "model" in cfg:  # a whole run config
                 model = cfg["model"]
                 values["tokenizer"] = model.get("tokenizer", "bert")
+                values["decoder_vocab"] = model.get("decoder_vocab", "full")
+                caption = cfg.get("data", {}).get("texts", {}).get("caption", {})
                 tower = model.get("text_tower", {}).get("kind", "bert")
-                values["text_tokenizer"] = TEXT_TOKENIZER_OF_TOWER.get(tower, tower)
+                values["text_tokenizer"] = caption.get(
+                    "tokenizer", TEXT_TOKENIZER_OF_TOWER.get(tower, tower))
                 cfg = dict(cfg["generate"])
             values.update({key: v for key, v in cfg.items() if key in fields})
         values.update(overrides)
@@ -413,39 +414,75 @@ def _query_text_in_graph(text: jax.Array, length: jax.Array, query_len: int, cls
     return ids, (pos <= n[:, None] + 1).astype(jnp.int32)
 
 
-class _Retokenizer:
-    """Decoder ids -> text -> text-tower ids, on the host (tokenizers differ)."""
+class QueryText:
+    """How generated decoder ids become the text tower's query ids.
 
-    def __init__(self, decoder_name: str, text_name: str, query_len: int):
-        from ravlm_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+    * ``same``: one vocabulary: ``[CLS] ids [SEP]`` in the graph;
+    * ``map``: the decoder uses a subset of the text tower's vocabulary (``SubsetTokenizer``
+      with ``to_base``): ids are mapped in the graph, then wrapped the same way;
+    * ``host``: different tokenizers (GPT-2 decoder, BERT text tower): decoded with the
+      decoder's tokenizer and re-encoded with the text tower's in a ``pure_callback``, each
+      device converting its own rows.
+    """
 
-        self.decoder = get_tokenizer(decoder_name)
-        self.text = get_tokenizer(text_name)
-        self.query_len = query_len
+    def __init__(self, decoder: Any, text: Any, cfg: GenerateConfig):
+        self.decoder, self.text = decoder, text
+        name = lambda t: t if isinstance(t, str) else t.name
+        if decoder is text or (name(decoder) == name(text) and not hasattr(decoder, "to_base")):
+            self.mode = "same"
+            self.cls_id, self.sep_id, self.pad_id = cfg.bos_id, cfg.eos_id, cfg.pad_id
+            self.to_base = None
+        elif hasattr(decoder, "to_base") and decoder.base.name == name(text):
+            self.mode = "map"
+            base = decoder.base
+            self.cls_id, self.sep_id, self.pad_id = base.bos_id, base.eos_id, base.pad_id
+            self.to_base = np.asarray(decoder.to_base, np.int32)  # [V_decoder]
+        else:
+            self.mode = "host"
+            self.decoder, self.text = _tokenizer(decoder), _tokenizer(text)
+            self.to_base = None
 
-    def host(self, text: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def query_len(self, text_len: int, text_max: int) -> int:
+        return min(text_max, text_len + 2 if self.mode != "host" else 2 * text_len + 2)
+
+    def host(self, text: np.ndarray, length: np.ndarray, query_len: int
+             ) -> tuple[np.ndarray, np.ndarray]:
         lead = text.shape[:-1]
         rows = np.asarray(text).reshape(-1, text.shape[-1])
         lens = np.asarray(length).reshape(-1)
-        strings = [self.decoder.decode(r[:n]) if n > 0 else "" for r, n in zip(rows, lens,
-                                                                               strict=True)]
-        ids, mask = self.text.encode_batch(strings, self.query_len)
+        strings = [self.decoder.decode(r[:n]) if n > 0 else ""
+                   for r, n in zip(rows, lens, strict=True)]
+        ids, mask = self.text.encode_batch(strings, query_len)
         mask = np.where((lens > 0)[:, None], mask, 0)  # no text: an image-only query
-        return (ids.reshape(*lead, self.query_len).astype(np.int32),
-                mask.reshape(*lead, self.query_len).astype(np.int32))
+        return (np.asarray(ids).reshape(*lead, query_len).astype(np.int32),
+                np.asarray(mask).reshape(*lead, query_len).astype(np.int32))
 
-    def __call__(self, text: jax.Array, length: jax.Array, mesh: Mesh | None
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, text: jax.Array, length: jax.Array, query_len: int,
+                 to_base: jax.Array | None, mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+        if self.mode == "map":
+            text = jnp.take(to_base, text, axis=0)
+        if self.mode != "host":
+            return _query_text_in_graph(text, length, query_len, self.cls_id, self.sep_id,
+                                        self.pad_id)
+
         def call(t: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
-            shape = jax.ShapeDtypeStruct((t.shape[0], self.query_len), jnp.int32)
-            return jax.pure_callback(self.host, (shape, shape), t, n,
-                                     vmap_method="broadcast_all")
+            shape = jax.ShapeDtypeStruct((t.shape[0], query_len), jnp.int32)
+            return jax.pure_callback(lambda a, b: self.host(a, b, query_len), (shape, shape),
+                                     t, n, vmap_method="broadcast_all")
 
         axes = _row_axes(mesh, text.shape[0])
         if not axes:
             return call(text, length)
         return jax.shard_map(call, mesh=mesh, in_specs=(P(axes), P(axes)),
                              out_specs=(P(axes), P(axes)))(text, length)
+
+
+def _tokenizer(tok: Any) -> Any:
+    if isinstance(tok, str):
+        from ravlm_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+
+        return get_tokenizer(tok)
+    return tok
 
 
 # ============================================================================ decoding
@@ -531,9 +568,9 @@ class _Loop:
     """The traced program; one instance per trace."""
 
     def __init__(self, model: Captioner, retriever: Any, arrays: Any, plan: _Plan,
-                 mesh: Mesh | None, retokenize: _Retokenizer | None):
+                 mesh: Mesh | None, query_text: QueryText):
         self.model, self.retriever, self.arrays = model, retriever, arrays
-        self.plan, self.cfg, self.mesh, self.retokenize = plan, plan.cfg, mesh, retokenize
+        self.plan, self.cfg, self.mesh, self.query_text = plan, plan.cfg, mesh, query_text
 
     # ----------------------------------------------------------------- memory per chunk
     def retrieve(self, text: jax.Array, text_len: jax.Array, has_text: bool
@@ -548,15 +585,12 @@ class _Loop:
                     jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32))
         q = self.u_img
         if has_text:
-            if self.retokenize is None:
-                ids, mask = _query_text_in_graph(text, text_len, plan.query_len,
-                                                 self.cfg.bos_id, self.cfg.eos_id,
-                                                 self.cfg.pad_id)
-            else:
-                ids, mask = self.retokenize(text, text_len, self.mesh)
+            ids, mask = self.query_text(text, text_len, plan.query_len,
+                                        self.arrays.get("to_base"), self.mesh)
             u_txt = model.encoder.encode_text(ids, mask)
             q = model.encoder.fuse(self.u_img, u_txt, text_len > 0)
-        found = self.retriever.search(self.arrays, q, self.exclude, plan.k, self.mesh)
+        found = self.retriever.search(self.arrays["retriever"], q, self.exclude, plan.k,
+                                      self.mesh)
         nb_ids, nb_mask = neighbour_inputs(found.tokens, found.ids, plan.neighbour_len,
                                            self.retriever.pad_id)
         memory, mask = model.chunk_memory(self.image_mem, nb_ids, nb_mask)
@@ -802,11 +836,14 @@ class Generator:
     """
 
     def __init__(self, model: Captioner, retriever: Any, cfg: GenerateConfig, k: int,
-                 chunk_len: int, mesh: Mesh | None, rules: Rules | None = None):
+                 chunk_len: int, mesh: Mesh | None, query_text: QueryText,
+                 rules: Rules | None = None):
         self.model, self.retriever, self.cfg = model, retriever, cfg
         self.k, self.chunk_len, self.mesh, self.rules = k, chunk_len, mesh, rules
+        self.query_text = query_text
         self._keys: set = set()
         self._shardings = None
+        self._arrays = None
 
     @property
     def traces(self) -> int:
@@ -814,6 +851,17 @@ class Generator:
         return sum(_TRACES[key] for key in self._keys)
 
     # -- helpers
+    def _device_arrays(self) -> dict[str, Any]:
+        """Program inputs that are not per call: the retriever's tables, the id map."""
+        if self._arrays is None:
+            arrays: dict[str, Any] = {
+                "retriever": self.retriever.device_arrays() if self.retriever else {}}
+            if self.query_text.to_base is not None:
+                sharding = (NamedSharding(self.mesh, P()) if self.mesh is not None else None)
+                arrays["to_base"] = jax.device_put(self.query_text.to_base, sharding)
+            self._arrays = arrays
+        return self._arrays
+
     def _batch_multiple(self) -> int:
         if self.mesh is None:
             return 1
@@ -827,7 +875,7 @@ class Generator:
         model, cfg = self.model, self.cfg
         text_max = model.encoder.text_tower.config.max_len
         text_len = prompt_len + cfg.max_len
-        query_len = min(text_max, text_len + 2 if cfg.same_vocab else 2 * text_len + 2)
+        query_len = self.query_text.query_len(text_len, text_max)
         n_pos = model.decoder.cfg.n_positions
         if prompt_len + 1 + cfg.max_len > n_pos:
             raise ValueError(f"prompt ({prompt_len}) + BOS + max_len ({cfg.max_len}) tokens "
@@ -839,20 +887,19 @@ class Generator:
                      use_image=model.config.use_image_tokens)
 
     def _program(self, graphdef: Any, plan: _Plan):
-        key = (graphdef, plan, self.retriever, self.mesh)
+        query_text = self.query_text
+        key = (graphdef, plan, self.retriever, self.mesh, query_text.mode,
+               query_text.decoder, query_text.text)
         self._keys.add(key)
         if key in _COMPILED:
             _COMPILED.move_to_end(key)
             return _COMPILED[key]
-        retokenize = (None if plan.cfg.same_vocab or plan.k == 0 else
-                      _Retokenizer(plan.cfg.tokenizer, plan.cfg.text_tokenizer,
-                                   plan.query_len))
         retriever, mesh = self.retriever, self.mesh
 
         def program(state, arrays, images, rng, prompt_ids, prompt_mask, exclude):
             _TRACES[key] += 1  # runs at trace time only
             model = nnx.merge(graphdef, state)
-            loop = _Loop(model, retriever, arrays, plan, mesh, retokenize)
+            loop = _Loop(model, retriever, arrays, plan, mesh, query_text)
             return loop(images, rng, prompt_ids, prompt_mask, exclude)
 
         fn = jax.jit(program)
@@ -911,7 +958,7 @@ class Generator:
         plan = self._plan(prompt_ids.shape[1], pixels)
         graphdef, state = nnx.split(self.model)
         fn = self._program(graphdef, plan)
-        arrays = self.retriever.device_arrays() if self.retriever is not None else {}
+        arrays = self._device_arrays()
 
         # pad the batch to a multiple of the batch shards (padding rows are dropped)
         multiple = self._batch_multiple()
@@ -938,13 +985,25 @@ class Generator:
 
 def make_generator(model: Captioner, retriever: Any, gen_cfg: Any = None, *, k: int,
                    chunk_len: int | None = None, mesh: Mesh | None = None,
-                   rules: Rules | None = None, **overrides: Any) -> Generator:
+                   rules: Rules | None = None, tokenizer: Any = None,
+                   text_tokenizer: Any = None, **overrides: Any) -> Generator:
     """A :class:`Generator` for ``model`` retrieving ``k`` neighbours every ``chunk_len``
     tokens (default: the captioner's). ``gen_cfg``: a whole run config, its ``generate``
     section, a mapping or a :class:`GenerateConfig`; ``overrides`` change its fields
     (``strategy="greedy"``, ``max_len=..``). ``retriever``: :class:`ExactRetriever`,
-    :class:`ScannRetriever`, or None when ``k == 0``."""
+    :class:`ScannRetriever`, or None when ``k == 0``. ``tokenizer`` / ``text_tokenizer``:
+    the decoder's and the text tower's tokenizers (objects or names; default: the config's
+    names), which decide the special ids and how the query text is formed."""
     cfg = GenerateConfig.from_config(gen_cfg, **overrides)
+    if tokenizer is None and cfg.decoder_vocab != "full":
+        raise ValueError(f"this run's decoder uses its own vocabulary (decoder_vocab="
+                         f"{cfg.decoder_vocab!r}): pass tokenizer= (e.g. "
+                         "ravlm_jax.train.export.decoder_tokenizer(config, workdir))")
+    decoder_tok = tokenizer if tokenizer is not None else cfg.tokenizer
+    text_tok = text_tokenizer if text_tokenizer is not None else cfg.text_tokenizer
+    if None in (cfg.bos_id, cfg.eos_id, cfg.pad_id):
+        cfg = cfg.with_ids_of(_tokenizer(decoder_tok))
+    query_text = QueryText(decoder_tok, text_tok, cfg)
     if not isinstance(k, (int, np.integer)) or k < 0:
         raise ValueError(f"k must be a non-negative integer, got {k!r}")
     if k > model.config.k_max:
@@ -959,7 +1018,8 @@ def make_generator(model: Captioner, retriever: Any, gen_cfg: Any = None, *, k: 
     chunk_len = int(chunk_len or model.config.chunk_len)
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
-    return Generator(model, retriever if k else None, cfg, int(k), chunk_len, mesh, rules)
+    return Generator(model, retriever if k else None, cfg, int(k), chunk_len, mesh,
+                     query_text, rules)
 
 
 def retriever_for(datastore: Any, kind: str | None = None, mesh: Mesh | None = None,

@@ -16,8 +16,8 @@ from flax import nnx
 from ravlm_jax.generate import (
     ExactRetriever,
     GenerateConfig,
+    QueryText,
     ScannRetriever,
-    _Retokenizer,
     make_generator,
     sample_logits,
 )
@@ -417,9 +417,10 @@ def test_query_text_is_retokenized_when_the_vocabularies_differ(store):
 
     gpt2, bert = get_tokenizer("gpt2"), get_tokenizer("bert")
     model = tiny_captioner(seed=1, vocab=gpt2.vocab_size, text_vocab=bert.vocab_size)
-    retok = _Retokenizer("gpt2", "bert", 16)
+    query = QueryText("gpt2", "bert", GenerateConfig(**IDS))
+    assert query.mode == "host"
     text = np.array([gpt2.encode(" a red apple")[:3] + [0] * 3], np.int32)
-    ids, mask = retok.host(text, np.array([3]))
+    ids, mask = query.host(text, np.array([3]), 16)
     want_ids, want_mask = bert.encode_batch([gpt2.decode(text[0, :3])], 16)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(mask, want_mask)
@@ -430,7 +431,6 @@ def test_query_text_is_retokenized_when_the_vocabularies_differ(store):
     tokens[:, 4:] = PAD
     cfg = dict(strategy="greedy", max_len=5, tokenizer="gpt2", text_tokenizer="bert",
                **IDS)
-    assert not GenerateConfig(**cfg).same_vocab
     gen = make_generator(model, ExactRetriever((emb, tokens, groups)), cfg, k=K)
     pixels = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
     out = gen(pixels)
@@ -468,6 +468,43 @@ def test_config_from_a_run_config():
     cfg = GenerateConfig.from_config(config)
     assert (cfg.strategy, cfg.max_len, cfg.tokenizer, cfg.text_tokenizer) == (
         "greedy", 12, "bert", "bert")
+    from ravlm_jax.data.tokenizers import get_tokenizer
+
+    cfg = cfg.with_ids_of(get_tokenizer(cfg.tokenizer))
     assert (cfg.bos_id, cfg.eos_id, cfg.pad_id) == (101, 102, 0)  # [CLS], [SEP], [PAD]
     beam = GenerateConfig.from_config(config.generate, strategy="beam")
     assert beam.beams == config.generate.num_beams
+
+
+def test_query_text_of_a_subset_vocabulary_is_mapped_in_the_graph():
+    """A decoder over a subset of BERT's word pieces: ids map back through ``to_base`` and
+    the query is [CLS] words [SEP] in BERT ids, as BERT's tokenizer would give."""
+    from ravlm_jax.data.tokenizers import get_tokenizer
+
+    bert = get_tokenizer("bert")
+    words = bert.encode("a red apple on a plate", add_special_tokens=False)
+
+    class Subset:  # the interface of data.tokenizers.SubsetTokenizer that generation uses
+        base, name = bert, "bert[subset]"
+
+    sub = Subset()
+    sub.to_base = np.array(sorted({bert.pad_id, bert.bos_id, bert.eos_id, *words}), np.int32)
+    sub.bos_id, sub.eos_id, sub.pad_id = (int(np.flatnonzero(sub.to_base == i)[0])
+                                          for i in (bert.bos_id, bert.eos_id, bert.pad_id))
+    cfg = GenerateConfig(tokenizer="bert").with_ids_of(sub)
+    query = QueryText(sub, bert, cfg)
+    assert query.mode == "map"
+    ours = np.searchsorted(sub.to_base, words)  # the words in subset ids
+    text = np.zeros((1, 10), np.int32)
+    text[0, :len(ours)] = ours
+    ids, mask = query(jnp.asarray(text), jnp.array([len(ours)]), 12,
+                      jnp.asarray(sub.to_base), None)
+    want_ids, want_mask = bert.encode_batch(["a red apple on a plate"], 12)
+    np.testing.assert_array_equal(np.asarray(ids), want_ids)
+    np.testing.assert_array_equal(np.asarray(mask), want_mask)
+    assert QueryText("bert", "bert", GenerateConfig(**IDS)).mode == "same"
+
+
+def test_a_run_with_its_own_decoder_vocabulary_needs_its_tokenizer(model, exact):
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        make_generator(model, exact, dict(decoder_vocab="train", **IDS), k=K)
