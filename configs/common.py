@@ -21,7 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.freeze = (r"encoder\.image_tower\.", r"encoder\.text_tower\.")
     c.model.embed_dim = 256
     c.model.fusion = True
-    c.model.tokenizer = "bert"           # decoder vocabulary (= the text tower's here)
+    c.model.tokenizer = "bert"           # decoder tokenizer (= the text tower's here)
+    c.model.decoder_vocab = "full"       # or "train": the word pieces the training captions use
+    c.model.caption_len = 24             # decoder tokens per caption, BOS and EOS included
     c.model.decoder = ml_collections.ConfigDict(dict(
         vocab_size=30522, n_positions=64, width=256, layers=3, heads=4, dropout=0.1,
         gate="none", tie_word_embeddings=True))

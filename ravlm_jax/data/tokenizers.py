@@ -228,3 +228,72 @@ def get_tokenizer(name: str) -> TextTokenizer:
     if name not in _BUILDERS:
         raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(_BUILDERS)}")
     return _BUILDERS[name]()
+
+
+class SubsetTokenizer:
+    """A tokenizer whose ids index a subset of a base tokenizer's vocabulary.
+
+    Small-domain captioning (OpenMoji uses ~2.5k of BERT's 30,522 word pieces) does not need
+    a 30k-way softmax: a decoder over the words its training captions and datastore use
+    trains and decodes several times faster. Text maps through the base tokenizer; ids
+    outside the subset become UNK. ``to_base`` maps our ids back to the base vocabulary
+    (used in-graph to form text-tower queries when the text tower uses the base).
+    """
+
+    def __init__(self, base: TextTokenizer, keep_ids: Sequence[int]):
+        unk = base.hf.unk_token_id
+        specials = {base.pad_id, base.bos_id, base.eos_id} | ({unk} if unk is not None else set())
+        keep = np.array(sorted(set(int(i) for i in keep_ids) | specials), np.int32)
+        if keep.min() < 0 or keep.max() >= base.vocab_size:
+            raise ValueError(f"subset ids must lie in [0, {base.vocab_size})")
+        self.base, self.to_base = base, keep
+        self.from_base = np.full(base.vocab_size, -1, np.int32)
+        self.from_base[keep] = np.arange(len(keep), dtype=np.int32)
+        fallback = self.from_base[unk] if unk is not None else self.from_base[base.eos_id]
+        self.from_base[self.from_base < 0] = fallback
+        self.name = f"{base.name}[{len(keep)}]"
+        self.vocab_size = len(keep)
+        self.pad_id = int(self.from_base[base.pad_id])
+        self.bos_id = int(self.from_base[base.bos_id])
+        self.eos_id = int(self.from_base[base.eos_id])
+
+    def __repr__(self) -> str:
+        return f"SubsetTokenizer({self.base.name}, vocab={self.vocab_size})"
+
+    @property
+    def hf(self):
+        return self.base.hf
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.from_base[self.base.encode(text, add_special_tokens)].tolist()
+
+    def encode_batch(self, texts: Sequence[str], max_len: int, **kwargs
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self.base.encode_batch(texts, max_len, **kwargs)
+        return self.from_base[ids], mask
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str | list[str]:
+        return self.base.decode(self.to_base[np.asarray(ids)], skip_special_tokens)
+
+    @classmethod
+    def from_texts(cls, base: TextTokenizer, texts: Sequence[str]) -> SubsetTokenizer:
+        ids = set()
+        for text in texts:
+            ids.update(base.encode(text, add_special_tokens=False))
+        return cls(base, sorted(ids))
+
+    def save(self, path: str | os.PathLike) -> None:
+        import json
+
+        Path(path).write_text(json.dumps({"base": self.base.name,
+                                          "ids": self.to_base.tolist()}))
+
+    @classmethod
+    def load(cls, base: TextTokenizer, path: str | os.PathLike) -> SubsetTokenizer:
+        import json
+
+        data = json.loads(Path(path).read_text())
+        if data.get("base") != base.name:
+            raise ValueError(f"{path} is a subset of the {data.get('base')!r} vocabulary, not "
+                             f"{base.name!r}")
+        return cls(base, data["ids"])

@@ -5,8 +5,10 @@ The decoder's cross-attention memory is ``[image tokens ; retrieved neighbours]`
 * image tokens ``[B, Ti, Wi]`` from the image tower, through a LayerNorm + linear adapter;
 * each retrieved caption (``k`` of them, ``Ln`` decoder-vocabulary tokens each) embedded
   with the decoder's own token embedding (a retrieved word and a generated word share one
-  vector, so copying is easy), plus a position and a slot embedding, then a few
-  pre-LN transformer layers within each neighbour.
+  vector, so copying is easy), plus a position and a slot embedding, then optionally a few
+  pre-LN transformer layers within each neighbour (``neighbour_layers``; with none, the
+  cross-attention K/V of neighbour tokens come from a per-vocabulary table, see
+  :meth:`Captioner.neighbour_kv`).
 
 Generation retrieves again after every chunk of ``chunk_len`` tokens and replaces the
 neighbour part of the memory. Training shows the decoder the same thing in one pass: the
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ravlm_jax.models.decoder import Decoder
+from ravlm_jax.models.decoder import Decoder, MemoryKV
 from ravlm_jax.models.dual_encoder import DualEncoder
 from ravlm_jax.models.layers import Embed, LayerNorm, Linear
 from ravlm_jax.models.vit import PreLNEncoderLayer
@@ -60,36 +62,94 @@ class Captioner(nnx.Module):
         self.neighbour_layers = nnx.List([
             PreLNEncoderLayer(wm, config.neighbour_heads, 4 * wm, "gelu", 1e-5, rngs=rngs)
             for _ in range(config.neighbour_layers)])
-        self.neighbour_norm = LayerNorm(wm, rngs=rngs)
+        self.neighbour_norm = LayerNorm(wm, rngs=rngs) if config.neighbour_layers else None
 
     # ------------------------------------------------------------------ memory pieces
     def image_memory(self, image_tokens: jax.Array) -> jax.Array:
         """[B, Ti, Wi] -> [B, Ti, Wm]."""
         return self.image_adapter(self.image_norm(image_tokens))
 
-    def neighbour_memory(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        """Retrieved captions ids, mask [B, k, Ln] (decoder vocab) -> [B, k*Ln, Wm]."""
-        b, k, ln = ids.shape
+    def _check_neighbours(self, ids: jax.Array) -> None:
+        _, k, ln = ids.shape
         if k > self.config.k_max or ln > self.config.neighbour_len:
             raise ValueError(f"neighbours [{k}, {ln}] exceed k_max={self.config.k_max}, "
                              f"neighbour_len={self.config.neighbour_len}")
+
+    def neighbour_memory(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Retrieved captions ids, mask [B, k, Ln] (decoder vocab) -> [B, k*Ln, Wm]."""
+        self._check_neighbours(ids)
+        b, k, ln = ids.shape
         x = self.decoder.wte(ids)  # [B, k, Ln, Wd]
         if self.neighbour_proj is not None:
             x = self.neighbour_proj(x)  # [B, k, Ln, Wm]
         x = (x + self.neighbour_pos.embedding[...][:ln]
              + self.neighbour_slot.embedding[...][:k, None, :])
         x = x.reshape(b * k, ln, -1)  # [B*k, Ln, Wm]: attention within each neighbour
-        tok_mask = mask.reshape(b * k, ln).astype(bool)
-        attn_mask = tok_mask[:, None, None, :]  # [B*k, 1, 1, Ln]
+        attn_mask = mask.reshape(b * k, ln).astype(bool)[:, None, None, :]  # [B*k, 1, 1, Ln]
         for layer in self.neighbour_layers:
             x = layer(x, attn_mask)
-        x = self.neighbour_norm(x)
+        if self.neighbour_norm is not None:
+            x = self.neighbour_norm(x)
         return constrain(x.reshape(b, k * ln, -1), ("batch", "length", "embed"))
+
+    def _linear_neighbours(self) -> bool:
+        return not self.neighbour_layers and self.neighbour_proj is None
+
+    def neighbour_kv(self, ids: jax.Array, mask: jax.Array) -> tuple[MemoryKV, jax.Array]:
+        """Cross-attention K/V of the neighbour memory: (MemoryKV over k*Ln slots, mask
+        [B, k*Ln]).
+
+        Without neighbour layers the memory of a neighbour token is linear in its
+        embeddings, ``wte[id] + pos[l] + slot[j]``, so each layer's K (and V) is
+        ``table[id] + P[l] + S[j]`` with ``table = key(wte)`` projected once over the
+        vocabulary. When the vocabulary is smaller than the number of neighbour tokens in
+        the batch (the usual training case), that lookup is far cheaper than projecting
+        every token; otherwise the tokens are projected directly. Both give the same K/V.
+        """
+        self._check_neighbours(ids)
+        b, k, ln = ids.shape
+        flat_mask = mask.reshape(b, k * ln).astype(bool)
+        if not (self._linear_neighbours() and self.decoder.cfg.vocab_size < b * k * ln):
+            return self.decoder.encode_memory(self.neighbour_memory(ids, mask)), flat_mask
+        emb = self.decoder.wte.embedding[...]  # [V, W]
+        pos = self.neighbour_pos.embedding[...][:ln]  # [Ln, W]
+        slot = self.neighbour_slot.embedding[...][:k]  # [k, W]
+
+        def project(lin) -> jax.Array:
+            kernel = lin.kernel[...].astype(lin.dtype)  # [W, inner]
+            table = lin(emb)  # [V, inner] (bias included once, here)
+            p = jnp.einsum("lw,wi->li", pos.astype(lin.dtype), kernel)  # [Ln, inner]
+            s = jnp.einsum("kw,wi->ki", slot.astype(lin.dtype), kernel)  # [k, inner]
+            out = table[ids] + p[None, None] + s[None, :, None]  # [B, k, Ln, inner]
+            return out.reshape(b, k * ln, -1)  # [B, k*Ln, inner]
+
+        keys, values = [], []
+        for block in self.decoder.blocks:
+            attn = block.cross_attn
+            keys.append(attn._split(project(attn.key)))  # [B, k*Ln, H, D]
+            values.append(attn._split(project(attn.value)))
+        return MemoryKV(keys=tuple(keys), values=tuple(values)), flat_mask
+
+    def image_kv(self, image_tokens: jax.Array) -> tuple[MemoryKV, jax.Array]:
+        """[B, Ti, Wi] -> (MemoryKV over Ti slots, mask [B, Ti])."""
+        kv = self.decoder.encode_memory(self.image_memory(image_tokens))
+        return kv, jnp.ones(image_tokens.shape[:2], bool)
+
+    def chunk_memory_kv(self, image: tuple[MemoryKV, jax.Array] | None, ids: jax.Array,
+                        mask: jax.Array) -> tuple[MemoryKV, jax.Array]:
+        """The cross-attention memory of one generation chunk: image K/V (computed once
+        per image) followed by the K/V of this chunk's k neighbours ([B, k, Ln]; k may be
+        0). Returns (MemoryKV [B, Ti + k*Ln], mask [B, Ti + k*Ln])."""
+        parts = [] if image is None else [image]
+        if ids.shape[1] > 0:
+            parts.append(self.neighbour_kv(ids, mask))
+        if not parts:
+            raise ValueError("empty memory: no image tokens and no neighbours")
+        return concat_memory(parts)
 
     def chunk_memory(self, image_mem: jax.Array | None, ids: jax.Array, mask: jax.Array
                      ) -> tuple[jax.Array, jax.Array]:
-        """Memory for one chunk: ([B, Ti + k*Ln, Wm], mask [B, Ti + k*Ln]). Empty
-        neighbour slots (mask all zero) are masked out; k may be 0."""
+        """Raw memory of one chunk: ([B, Ti + k*Ln, Wm], mask [B, Ti + k*Ln])."""
         parts, masks = [], []
         if image_mem is not None:
             parts.append(image_mem)
@@ -117,29 +177,38 @@ class Captioner(nnx.Module):
         cl = self.config.chunk_len
         if c * cl < t:
             raise ValueError(f"{c} chunks of {cl} tokens do not cover {t} positions")
-        use_img = self.config.use_image_tokens and image_tokens is not None
-        image_mem = self.image_memory(image_tokens) if use_img else None
-        ti = 0 if image_mem is None else image_mem.shape[1]
-        parts = [image_mem] if image_mem is not None else []
+        parts, masks = [], []
+        if self.config.use_image_tokens and image_tokens is not None:
+            kv, m = self.image_kv(image_tokens)
+            parts.append((kv, m))
+            masks.append(jnp.broadcast_to(m[:, None, :], (b, t, m.shape[1])))
         if k > 0:
-            # encode each chunk's neighbours independently: [B*C, k, Ln] -> [B, C*k*Ln, Wm]
-            nb = self.neighbour_memory(neighbour_ids.reshape(b * c, k, ln),
-                                       neighbour_mask.reshape(b * c, k, ln))
-            nb = nb.reshape(b, c * k * ln, -1)
-            nb_valid = neighbour_mask.reshape(b, c, k * ln).astype(bool)  # [B, C, k*Ln]
-            parts.append(nb)
-        if not parts:
-            raise ValueError("empty memory: no image tokens and no neighbours")
-        memory = jnp.concatenate(parts, 1)  # [B, M = Ti + C*k*Ln, Wm]
-
-        chunk_of_pos = jnp.arange(t) // cl  # [T]
-        masks = [jnp.ones((b, t, ti), bool)] if ti else []
-        if k > 0:
-            own_chunk = chunk_of_pos[:, None] == jnp.arange(c)[None, :]  # [T, C]
+            # each chunk's neighbours encoded on their own: [B*C, k, Ln] -> [B, C*k*Ln]
+            kv, nb_valid = self.neighbour_kv(neighbour_ids.reshape(b * c, k, ln),
+                                             neighbour_mask.reshape(b * c, k, ln))
+            kv = jax.tree.map(lambda x: x.reshape(b, c * k * ln, *x.shape[2:]), kv)
+            nb_valid = nb_valid.reshape(b, c, k * ln)  # [B, C, k*Ln]
+            own_chunk = (jnp.arange(t) // cl)[:, None] == jnp.arange(c)[None, :]  # [T, C]
             # [B, T, C, k*Ln]: position t sees only chunk(t)'s valid neighbour tokens
             m = own_chunk[None, :, :, None] & nb_valid[:, None, :, :]
+            parts.append((kv, nb_valid.reshape(b, -1)))
             masks.append(m.reshape(b, t, c * k * ln))
+        if not parts:
+            raise ValueError("empty memory: no image tokens and no neighbours")
+        memory_kv, _ = concat_memory(parts)
         memory_mask = jnp.concatenate(masks, -1)  # [B, T, M]
-        logits, _ = self.decoder(ids, memory=memory, memory_mask=memory_mask,
+        logits, _ = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
                                  deterministic=deterministic, rngs=rngs)
         return logits
+
+
+def concat_memory(parts: list[tuple[MemoryKV, jax.Array]]) -> tuple[MemoryKV, jax.Array]:
+    """Concatenate (MemoryKV, mask) pieces along the memory axis."""
+    if len(parts) == 1:
+        return parts[0]
+    kvs, masks = zip(*parts, strict=True)
+    keys = tuple(jnp.concatenate(layer, 1) for layer in zip(*(kv.keys for kv in kvs),
+                                                             strict=True))
+    values = tuple(jnp.concatenate(layer, 1) for layer in zip(*(kv.values for kv in kvs),
+                                                               strict=True))
+    return MemoryKV(keys=keys, values=values), jnp.concatenate(masks, 1)

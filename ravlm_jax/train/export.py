@@ -18,13 +18,32 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ravlm_jax.data.tokenizers import SubsetTokenizer, get_tokenizer
 from ravlm_jax.models.captioner import Captioner
 from ravlm_jax.models.factory import build_captioner
 from ravlm_jax.sharding import make_mesh, state_shardings
 
+VOCAB_FILE = "decoder_vocab.json"
+
 
 class ModelNotFound(FileNotFoundError):
     pass
+
+
+def text_tokenizer(config: ml_collections.ConfigDict):
+    return get_tokenizer(config.data.texts.caption.tokenizer)
+
+
+def decoder_tokenizer(config: ml_collections.ConfigDict, directory: str | os.PathLike):
+    """The decoder's tokenizer: the named one, or (``model.decoder_vocab = "train"``) the
+    subset of it saved as ``decoder_vocab.json`` in ``directory`` (workdir or model dir)."""
+    base = get_tokenizer(config.model.tokenizer)
+    if config.model.get("decoder_vocab", "full") == "full":
+        return base
+    path = Path(directory) / VOCAB_FILE
+    if not path.is_file():
+        raise ModelNotFound(f"{path} is missing: the decoder vocabulary of this run")
+    return SubsetTokenizer.load(base, path)
 
 
 def model_dir(path: str | os.PathLike) -> Path:
@@ -38,12 +57,14 @@ def model_dir(path: str | os.PathLike) -> Path:
 
 
 def export_model(directory: str | os.PathLike, model: Captioner,
-                 config: ml_collections.ConfigDict) -> Path:
+                 config: ml_collections.ConfigDict, vocab_file: Path | None = None) -> Path:
     directory = Path(directory).absolute()
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    if vocab_file is not None:
+        shutil.copy(vocab_file, tmp / VOCAB_FILE)
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp / "params", state)

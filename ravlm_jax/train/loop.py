@@ -38,13 +38,13 @@ from tqdm.auto import tqdm
 
 from ravlm_jax.data.pipeline import IndexLoader, loader_from_config
 from ravlm_jax.data.sources import open_source
-from ravlm_jax.data.tokenizers import get_tokenizer
+from ravlm_jax.data.tokenizers import SubsetTokenizer, get_tokenizer
 from ravlm_jax.models.factory import build_captioner, pretrained_tower_arrays
 from ravlm_jax.retrieval.datastore import Datastore, build_datastore, encoder_fingerprint
 from ravlm_jax.sharding import batch_sharding, create_sharded, make_mesh, state_shardings
 from ravlm_jax.train import features as feats
 from ravlm_jax.train.checkpoint import StageCheckpoints, abstract_with_shardings
-from ravlm_jax.train.export import export_model
+from ravlm_jax.train.export import VOCAB_FILE, decoder_tokenizer, export_model, text_tokenizer
 from ravlm_jax.train.metrics import MetricsWriter, check_finite, plot_curves
 from ravlm_jax.train.state import (
     count,
@@ -58,7 +58,7 @@ from ravlm_jax.train.steps import (
     contrastive_loss_fn,
     make_train_step,
 )
-from ravlm_jax.train.tables import CaptionTables, build_tables, payload_ids
+from ravlm_jax.train.tables import CaptionTables, SplitCaptions, build_tables, payload_ids
 
 log = logging.getLogger(__name__)
 
@@ -130,27 +130,46 @@ class Run:
     """Everything the stages share: mesh, tokenizers, the training split, tables, model."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        config = config.copy_and_resolve_references()
         self.config, self.workdir = config, workdir
         self.mesh = mesh_from_config(config)
         self.replicated = NamedSharding(self.mesh, P())
         self.progress = bool(config.train.get("progress", True))
-        caption_cfg = config.data.texts.caption
-        self.text_tok = get_tokenizer(caption_cfg.tokenizer)
-        self.dec_tok = get_tokenizer(config.model.tokenizer)
+        self.text_tok = text_tokenizer(config)
         self.train_source = open_source(config.data, "train")
-        self.tables = self.make_tables(self.train_source)
+        self.train_captions = SplitCaptions.read(self.train_source,
+                                                 int(config.data.get("max_captions", 1)))
+        self.dec_tok = self.resolve_decoder_vocab()
+        write_run_info(workdir, config)
+        self.tables = self.make_tables(self.train_captions)
         self.model = self.make_model()
         self.cached = self._use_cache()
         self.features: dict[str, np.ndarray] = {}
 
     # -- data
-    def make_tables(self, source) -> CaptionTables:
+    def resolve_decoder_vocab(self):
+        """The decoder's tokenizer; with ``model.decoder_vocab = "train"``, the subset of
+        word pieces the training captions use (saved in the workdir, so a resumed run and
+        the exported model use the same one). Sets ``model.decoder.vocab_size``."""
         cfg = self.config
-        return build_tables(source, self.text_tok, self.dec_tok,
+        vocab_file = self.workdir / VOCAB_FILE
+        if cfg.model.get("decoder_vocab", "full") == "train" and not vocab_file.exists():
+            base = get_tokenizer(cfg.model.tokenizer)
+            SubsetTokenizer.from_texts(base, self.train_captions.all_texts()).save(vocab_file)
+        tok = decoder_tokenizer(cfg, self.workdir)
+        cfg.model.decoder.vocab_size = tok.vocab_size
+        return tok
+
+    def vocab_file(self) -> Path | None:
+        path = self.workdir / VOCAB_FILE
+        return path if path.exists() else None
+
+    def make_tables(self, captions: SplitCaptions) -> CaptionTables:
+        cfg = self.config
+        return build_tables(captions, self.text_tok, self.dec_tok,
                             text_len=int(cfg.data.texts.caption.max_len),
                             dec_len=int(cfg.model.get("caption_len", 24)),
-                            chunk_len=int(cfg.model.captioner.chunk_len),
-                            max_captions=int(cfg.data.get("max_captions", 1)))
+                            chunk_len=int(cfg.model.captioner.chunk_len))
 
     # -- model
     def make_model(self):
@@ -515,7 +534,6 @@ def stage_caption(run: Run) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    write_run_info(workdir, config)
     unknown = [s for s in config.train.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; stages are {STAGES}")
@@ -526,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     for stage in config.train.stages:
         {"contrastive": stage_contrastive, "datastore": stage_datastore,
          "caption": stage_caption}[stage](run)
-    export_model(workdir / "model", run.model, config)
+    export_model(workdir / "model", run.model, run.config, run.vocab_file())
     results: dict[str, Any] = {}
     if config.get("eval") and config.eval.get("enabled", True) and "caption" in \
             config.train.stages:

@@ -84,18 +84,36 @@ def num_chunks(dec_len: int, chunk_len: int) -> int:
     return math.ceil((dec_len - 1) / chunk_len)
 
 
-def build_tables(source, text_tok: TextTokenizer, dec_tok: TextTokenizer, *, text_len: int,
-                 dec_len: int, chunk_len: int, max_captions: int = 1) -> CaptionTables:
-    n = len(source)
-    r_max = max_captions
+@dataclass
+class SplitCaptions:
+    """The text side of a split: up to R training captions per example, all references,
+    and the leakage group of each example."""
+
+    texts: list[list[str]]
+    references: list[list[str]]
+    group_id: np.ndarray
+
+    @classmethod
+    def read(cls, source, max_captions: int = 1) -> SplitCaptions:
+        n = len(source)
+        texts, refs, groups = [], [], np.zeros(n, np.int64)
+        for i in range(n):
+            ex = source[i]
+            texts.append([t for t in ex["captions"] if t.strip()][:max_captions] or [""])
+            refs.append(source.references(i))
+            groups[i] = int(ex["group_id"])
+        return cls(texts, refs, groups)
+
+    def all_texts(self) -> list[str]:
+        return [t for caps in self.texts for t in caps]
+
+
+def build_tables(captions: SplitCaptions, text_tok: TextTokenizer, dec_tok: TextTokenizer, *,
+                 text_len: int, dec_len: int, chunk_len: int) -> CaptionTables:
+    texts, refs, groups = captions.texts, captions.references, captions.group_id
+    n = len(texts)
+    r_max = max(len(t) for t in texts)
     c = num_chunks(dec_len, chunk_len)
-    texts, refs, groups = [], [], np.zeros(n, np.int64)
-    for i in range(n):
-        ex = source[i]
-        caps = [t for t in ex["captions"] if t.strip()][:r_max] or [""]
-        texts.append(caps)
-        refs.append(source.references(i))
-        groups[i] = int(ex["group_id"])
     count = np.array([len(t) for t in texts], np.int32)
     flat = [t for caps in texts for t in caps]
     where = [(i, r) for i, caps in enumerate(texts) for r in range(len(caps))]

@@ -124,3 +124,24 @@ def test_missing_files_name_the_package_to_install(tmp_path):
         tokenizers._asset_file("mlx_whisper", "assets", "missing.tiktoken")
     with pytest.raises(ValueError, match="unknown tokenizer"):
         tokenizers.get_tokenizer("t5")
+
+
+def test_subset_tokenizer_roundtrip_and_unk(tmp_path):
+    from ravlm_jax.data.tokenizers import SubsetTokenizer, get_tokenizer
+
+    base = get_tokenizer("bert")
+    sub = SubsetTokenizer.from_texts(base, ["grinning face", "red heart", "flag: france"])
+    assert sub.vocab_size < 20
+    ids, mask = sub.encode_batch(["red face", "blue heart"], 8)
+    assert ids.max() < sub.vocab_size
+    assert sub.decode(ids[0]) == "red face"
+    assert sub.decode(ids[1]) == "heart"  # "blue" is outside the subset: UNK, skipped
+    np.testing.assert_array_equal(sub.to_base[ids[0, :mask[0].sum()]],
+                                  base.encode_batch(["red face"], 8)[0][0, :mask[0].sum()])
+    assert (sub.bos_id, sub.eos_id, sub.pad_id) == tuple(
+        int(sub.from_base[i]) for i in (base.bos_id, base.eos_id, base.pad_id))
+    sub.save(tmp_path / "v.json")
+    again = SubsetTokenizer.load(base, tmp_path / "v.json")
+    np.testing.assert_array_equal(again.to_base, sub.to_base)
+    with pytest.raises(ValueError, match="not 'clip'"):
+        SubsetTokenizer.load(get_tokenizer("clip"), tmp_path / "v.json")

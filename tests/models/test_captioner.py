@@ -15,7 +15,7 @@ from ravlm_jax.models.vit import ViT, ViTConfig
 VOCAB = 50
 
 
-def tiny_captioner(seed=0, chunk_len=3, k_max=4):
+def tiny_captioner(seed=0, chunk_len=3, k_max=4, neighbour_layers=1):
     rngs = nnx.Rngs(seed)
     vit = ViT(ViTConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
               rngs=rngs)
@@ -26,7 +26,8 @@ def tiny_captioner(seed=0, chunk_len=3, k_max=4):
     dec = Decoder(DecoderConfig(vocab_size=VOCAB, n_positions=32, width=24, layers=2, heads=2,
                                 memory_width=24, cross_attention=True), rngs=rngs)
     return Captioner(enc, dec, CaptionerConfig(image_width=16, k_max=k_max, neighbour_len=5,
-                                               chunk_len=chunk_len), rngs=rngs)
+                                               chunk_len=chunk_len,
+                                               neighbour_layers=neighbour_layers), rngs=rngs)
 
 
 def _inputs(b=2, t=7, c=3, k=2, ln=5):
@@ -39,17 +40,20 @@ def _inputs(b=2, t=7, c=3, k=2, ln=5):
     return ids, pixels, nb, nb_mask
 
 
-def test_teacher_forcing_equals_per_chunk_decoding():
-    model = tiny_captioner()
+@pytest.mark.parametrize("layers", [0, 1])
+def test_teacher_forcing_equals_per_chunk_decoding(layers):
+    model = tiny_captioner(neighbour_layers=layers)
     ids, pixels, nb, nb_mask = _inputs()
     image_tokens = model.encoder.image_tokens(pixels)
     logits = model(ids, image_tokens, nb, nb_mask)
     cl = model.config.chunk_len
-    image_mem = model.image_memory(image_tokens)
+    image = model.image_kv(image_tokens)
     cache = model.decoder.init_cache(ids.shape[0], 16)
     for c in range(nb.shape[1]):
-        memory, mask = model.chunk_memory(image_mem, nb[:, c], nb_mask[:, c])
-        kv = model.decoder.encode_memory(memory)
+        kv, mask = model.chunk_memory_kv(image, nb[:, c], nb_mask[:, c])
+        raw, raw_mask = model.chunk_memory(model.image_memory(image_tokens), nb[:, c],
+                                           nb_mask[:, c])
+        np.testing.assert_array_equal(np.asarray(mask), np.asarray(raw_mask))
         chunk = ids[:, c * cl:(c + 1) * cl]
         if chunk.shape[1] == 0:
             break
@@ -85,3 +89,17 @@ def test_zero_neighbours_and_bad_shapes():
         model(ids, tokens, nb[:, :2], nb_mask[:, :2])
     with pytest.raises(ValueError, match="exceed k_max"):
         model.neighbour_memory(jnp.zeros((1, 5, 5), jnp.int32), jnp.ones((1, 5, 5)))
+
+
+def test_vocabulary_lookup_kv_equals_projecting_tokens():
+    """With no neighbour layers, K/V come from a per-vocabulary table when that is cheaper
+    (here 4*4*5 = 80 neighbour tokens > vocabulary 50): same numbers as projecting."""
+    model = tiny_captioner(neighbour_layers=0)
+    key = jax.random.key(5)
+    ids = jax.random.randint(key, (4, 4, 5), 0, VOCAB)
+    mask = (jax.random.uniform(jax.random.fold_in(key, 1), (4, 4, 5)) > 0.3).astype(jnp.int32)
+    fast, fast_mask = model.neighbour_kv(ids, mask)
+    slow = model.decoder.encode_memory(model.neighbour_memory(ids, mask))
+    for a, b in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fast_mask), np.asarray(mask.reshape(4, 20)) > 0)

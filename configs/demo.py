@@ -1,0 +1,30 @@
+"""The offline demo: OpenMoji captions with real pretrained towers, on a laptop CPU.
+
+    python train.py --config configs/demo.py --workdir workdirs/demo
+
+EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2, both frozen (their features are cached
+once); trained projections and fusion (contrastive stage), a datastore of the training
+split's captions, and a small decoder sharing MiniLM's BERT vocabulary that cross-attends
+to the image tokens and to k retrieved captions (k sampled up to 8, re-retrieved every 4
+tokens). ``make demo`` runs it and writes docs/RESULTS.md from its eval.json.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = common.base_config()
+    common.use_demo_towers(config)
+    config.data.image_size = 96
+    config.model.caption_len = 16
+    config.model.decoder_vocab = "train"
+    config.model.decoder.update(width=256, layers=3, heads=4, n_positions=32, dropout=0.1,
+                                cross_attention_reduce_factor=2)
+    config.model.captioner.update(k_max=8, neighbour_len=8, neighbour_layers=0, chunk_len=4)
+    config.train.contrastive.update(steps=300, batch_size=256, learning_rate=2e-3)
+    config.train.caption.update(steps=800, batch_size=64, learning_rate=1e-3)
+    config.train.checkpoint_every = 100
+    config.train.log_every = 10
+    return config
