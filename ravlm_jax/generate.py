@@ -8,9 +8,9 @@ program per (batch shape, k, strategy) that
    decoder (``[BOS] + prompt``) against the memory ``[image tokens ; neighbours]``;
 3. runs an outer ``lax.scan`` over chunks and an inner ``lax.scan`` over each chunk's tokens
    with a static KV cache. After every ``chunk_len`` tokens it forms the query
-   ``E(text so far, image)``, retrieves again and *replaces* the cross-attention memory
-   (its per-layer K/V are computed once per chunk, not per token); the self-attention cache
-   carries on.
+   ``E(text so far, image)``, retrieves again and *replaces* the cross-attention memory:
+   the image's per-layer K/V are computed once, the neighbours' once per chunk, never per
+   token (``Captioner.chunk_memory_kv``); the self-attention cache carries on.
 
 The layout is exactly the captioner's teacher forcing (``Captioner.__call__``): the decoder
 input at position ``m`` (``m = 0`` is BOS, ``m >= 1`` the m-th generated token) sees the
@@ -580,9 +580,9 @@ class _Loop:
         n = text.shape[0]
         if plan.k == 0:
             nb = jnp.zeros((n, 0, 1), jnp.int32)
-            memory, mask = model.chunk_memory(self.image_mem, nb, nb)
-            return (model.decoder.encode_memory(memory), mask,
-                    jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32))
+            memory, mask = model.chunk_memory_kv(self.image_kv, nb, nb)
+            return (memory, mask, jnp.zeros((n, 0), jnp.int32),
+                    jnp.zeros((n, 0), jnp.float32))
         q = self.u_img
         if has_text:
             ids, mask = self.query_text(text, text_len, plan.query_len,
@@ -593,8 +593,9 @@ class _Loop:
                                       self.mesh)
         nb_ids, nb_mask = neighbour_inputs(found.tokens, found.ids, plan.neighbour_len,
                                            self.retriever.pad_id)
-        memory, mask = model.chunk_memory(self.image_mem, nb_ids, nb_mask)
-        return model.decoder.encode_memory(memory), mask, found.ids, found.scores
+        # the image's K/V were computed once; only the neighbours' are new each chunk
+        memory, mask = model.chunk_memory_kv(self.image_kv, nb_ids, nb_mask)
+        return memory, mask, found.ids, found.scores
 
     # ----------------------------------------------------------------- one token
     def step(self, c: _Carry) -> _Carry:
@@ -707,7 +708,8 @@ class _Loop:
         b = image_tokens.shape[0]
         rep = (lambda x: jnp.repeat(x, w, axis=0)) if w > 1 else (lambda x: x)
         self.rng = rng
-        self.image_mem = rep(model.image_memory(image_tokens)) if plan.use_image else None
+        self.image_kv = (jax.tree.map(rep, model.image_kv(image_tokens)) if plan.use_image
+                         else None)  # (MemoryKV [N, Ti], mask [N, Ti])
         self.u_img = rep(model.encoder.embed_image_pooled(pooled)) if plan.k else None
         self.exclude = rep(exclude)
         n, p, t = b * w, plan.prompt_len, plan.steps
