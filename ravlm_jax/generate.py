@@ -585,10 +585,14 @@ class _Loop:
                     jnp.zeros((n, 0), jnp.float32))
         q = self.u_img
         if has_text:
-            ids, mask = self.query_text(text, text_len, plan.query_len,
-                                        self.arrays.get("to_base"), self.mesh)
-            u_txt = model.encoder.encode_text(ids, mask)
-            q = model.encoder.fuse(self.u_img, u_txt, text_len > 0)
+            def fused(_: Any) -> jax.Array:
+                ids, mask = self.query_text(text, text_len, plan.query_len,
+                                            self.arrays.get("to_base"), self.mesh)
+                u_txt = model.encoder.encode_text(ids, mask)
+                return model.encoder.fuse(self.u_img, u_txt, text_len > 0)
+
+            # no row has text yet (chunk 0 without a prompt): skip the text tower
+            q = jax.lax.cond(jnp.any(text_len > 0), fused, lambda _: self.u_img, None)
         found = self.retriever.search(self.arrays["retriever"], q, self.exclude, plan.k,
                                       self.mesh)
         nb_ids, nb_mask = neighbour_inputs(found.tokens, found.ids, plan.neighbour_len,

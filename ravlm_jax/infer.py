@@ -109,7 +109,7 @@ def load_run(checkpoint: str | os.PathLike | None = None, datastore: str | None 
         raise InferError(f"no trained model in {DEFAULT_WORKDIR}: create one with "
                          f"{HOW_TO_TRAIN}, or pass --checkpoint DIR")
     try:
-        mdir = export.model_dir(path)
+        mdir = export.model_dir(path).absolute()  # orbax wants absolute paths
         config = export.load_config_json(mdir)
         shape = tuple(config.mesh.shape) if "mesh" in config else None
         try:
@@ -369,7 +369,8 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 .caption{font-size:1.3em}.prompt{color:#666}.error{color:#b00}
 .nb{display:flex;flex-wrap:wrap;gap:.8em;margin-top:.8em}
 .nb figure{margin:0;width:170px;font-size:.85em}
-.nb img,.query img{border-radius:4px;background:#f4f4f4}
+.nb img,.query img{border-radius:4px;background:#f4f4f4;object-fit:contain}
+.query img{width:160px;height:160px}.nb img{width:96px;height:96px}
 .score{color:#666;font-variant-numeric:tabular-nums}
 """
 
@@ -422,6 +423,8 @@ def run_cli(images: Sequence[str], prompt: str | None = None, checkpoint: str | 
 
     out = out or sys.stdout
     err = err or sys.stderr
+    # library chatter (transformers' "PyTorch was not found") would break one line per error
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     say = lambda text, stream: print(text, file=stream, flush=True)
     if not images and not prompt:
         say("error: nothing to do: pass --image PATH [PATH ...] and/or --prompt TEXT", err)
