@@ -84,8 +84,8 @@ def _canonical_json(config: Any) -> str:
 
 def _flat_arrays(state: Any) -> list[tuple[str, np.ndarray]]:
     """``(path, array)`` for every leaf of an nnx Module / State or any pytree, by path."""
-    import jax  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
+    import jax
+    from flax import nnx
 
     if isinstance(state, nnx.Module):
         state = nnx.state(state)
@@ -726,7 +726,7 @@ def build_datastore(out_dir: str | os.PathLike, encode_fn: Callable[[Any], Any],
         log.info("resuming: %d shards (%d rows, %d batches) already written", len(done),
                  row0, skip)
 
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
 
     total = total_batches if total_batches is not None else (
         len(batches) if hasattr(batches, "__len__") else None)
@@ -786,9 +786,9 @@ def sharded_encode_fn(encode: Callable[..., Any], mesh: Any, keys: Sequence[str]
     """``encode(*[batch[key] for key in keys]) -> [B, D]`` jitted with its inputs sharded by
     batch over the mesh; batches are padded to a multiple of the batch shards (the padding
     rows are computed and dropped), so the last, short batch needs no special case."""
-    import jax  # noqa: PLC0415
+    import jax
 
-    from ravlm_jax.sharding import batch_sharding, logical_to_spec  # noqa: PLC0415
+    from ravlm_jax.sharding import batch_sharding, logical_to_spec
 
     spec = logical_to_spec(("batch",), None, mesh, rules)
     axes = () if not spec or spec[0] is None else (
@@ -836,7 +836,7 @@ def default_build_sources(config: Any, encoder: str) -> BuildSources:
 
 
 def _cmd_build(a: argparse.Namespace, sources_fn: Callable[[Any, str], BuildSources]) -> int:
-    from ravlm_jax.config import apply_overrides, load_config  # noqa: PLC0415
+    from ravlm_jax.config import apply_overrides, load_config
 
     try:
         config = apply_overrides(load_config(a.config), a.override)

@@ -362,7 +362,7 @@ def default_scann_params(n: int) -> dict[str, Any]:
     * below ``BRUTE_FORCE_BELOW`` rows a tree buys nothing: exact brute force;
     * ``num_leaves = sqrt(N)``, trained by *spherical* k-means on up to 250k rows: for unit
       vectors it routes by cosine to unit centroids, where plain k-means centroids of mixed
-      leaves have small norms and misroute (recall@10 0.66 -> 0.96 at N=100k, 16 leaves);
+      leaves have small norms and misroute (recall@10 0.67 -> 0.96 at N=100k, 16 leaves);
     * ``leaves_to_search = max(16, num_leaves / 64)`` (16 of 316 leaves at 100k, 16 of 1000
       at 1M, 1.6% beyond 4M rows): recall@10 >= 0.96 on clustered data at 100k and 1M;
     * anisotropic hashing, 2 dims per 4-bit block, threshold 0.2 (the ScaNN paper's setting
@@ -398,7 +398,7 @@ class ScannIndex:
               check: bool = True, **overrides: Any) -> ScannIndex:
         """Parameters are :func:`default_scann_params` updated by ``overrides`` (unknown keys
         are an error). ``mode="brute_force"`` forces exact ScaNN scoring at any size."""
-        import scann  # noqa: PLC0415  (heavy import, only for this backend)
+        import scann  # heavy: only for this backend
 
         if check:
             check_unit_vectors(embeddings)
@@ -459,7 +459,7 @@ class ScannIndex:
     @classmethod
     def load(cls, directory: str | os.PathLike, *, num_threads: int | None = None,
              **unused: Any) -> ScannIndex:
-        import scann  # noqa: PLC0415
+        import scann
 
         meta = read_index_meta(directory)
         if meta["kind"] != cls.kind:
