@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -477,6 +478,16 @@ class QueryText:
                              out_specs=(P(axes), P(axes)))(text, length)
 
 
+def _query_buckets(query_len: int, mode: str, smallest: int = 8) -> list[int]:
+    """Static text-tower lengths: 8, 16, 32 .. below ``query_len``, then ``query_len``.
+    Re-tokenised text (``host``) has no length bound known in the graph: one length."""
+    lengths, n = [], smallest
+    while mode != "host" and n < query_len:
+        lengths.append(n)
+        n *= 2
+    return lengths + [query_len]
+
+
 def _tokenizer(tok: Any) -> Any:
     if isinstance(tok, str):
         from ravlm_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
@@ -585,14 +596,7 @@ class _Loop:
                     jnp.zeros((n, 0), jnp.float32))
         q = self.u_img
         if has_text:
-            def fused(_: Any) -> jax.Array:
-                ids, mask = self.query_text(text, text_len, plan.query_len,
-                                            self.arrays.get("to_base"), self.mesh)
-                u_txt = model.encoder.encode_text(ids, mask)
-                return model.encoder.fuse(self.u_img, u_txt, text_len > 0)
-
-            # no row has text yet (chunk 0 without a prompt): skip the text tower
-            q = jax.lax.cond(jnp.any(text_len > 0), fused, lambda _: self.u_img, None)
+            q = self.query_vector(text, text_len)
         found = self.retriever.search(self.arrays["retriever"], q, self.exclude, plan.k,
                                       self.mesh)
         nb_ids, nb_mask = neighbour_inputs(found.tokens, found.ids, plan.neighbour_len,
@@ -600,6 +604,26 @@ class _Loop:
         # the image's K/V were computed once; only the neighbours' are new each chunk
         memory, mask = model.chunk_memory_kv(self.image_kv, nb_ids, nb_mask)
         return memory, mask, found.ids, found.scores
+
+    def query_vector(self, text: jax.Array, text_len: jax.Array) -> jax.Array:
+        """``E(text so far, image)`` [N, D]. The text tower runs at the shortest of a few
+        static lengths (powers of two, then the full query length) that holds every row's
+        text, chosen with ``lax.switch``: early chunks do not pay for the padding of the
+        last ones. While no row has text (chunk 0 without a prompt) it does not run."""
+        model, plan = self.model, self.plan
+        lengths = _query_buckets(plan.query_len, self.query_text.mode)
+
+        def fused(length: int, _: Any) -> jax.Array:
+            ids, mask = self.query_text(text, text_len, length, self.arrays.get("to_base"),
+                                        self.mesh)
+            u_txt = model.encoder.encode_text(ids, mask)
+            return model.encoder.fuse(self.u_img, u_txt, text_len > 0)
+
+        branches = [lambda _: self.u_img] + [functools.partial(fused, n) for n in lengths]
+        need = jnp.max(text_len) + 2  # [CLS] text [SEP]
+        bucket = jnp.searchsorted(jnp.asarray(lengths), need)  # first length >= need
+        index = jnp.where(need > 2, 1 + jnp.minimum(bucket, len(lengths) - 1), 0)
+        return jax.lax.switch(index, branches, None)
 
     # ----------------------------------------------------------------- one token
     def step(self, c: _Carry) -> _Carry:

@@ -120,6 +120,10 @@ def load_run(checkpoint: str | os.PathLike | None = None, datastore: str | None 
         tokenizer = export.decoder_tokenizer(config, mdir)
         text_tokenizer = export.text_tokenizer(config)
     except export.ModelNotFound as e:
+        if (path / "checkpoints").is_dir():
+            raise InferError(f"{path} has training checkpoints but no exported model yet: "
+                             "rerun the same train.py command (it resumes) to finish the run "
+                             "and write its model/") from None
         raise InferError(str(e)) from None
     except (OSError, ValueError, KeyError) as e:
         raise InferError(f"cannot load the model in {path}: {type(e).__name__}: {e}"

@@ -206,6 +206,10 @@ def test_run_errors_are_one_line(workdir, tmp_path, capsys):
     assert err.count("\n") == 1 and "manifest.json" in err
     assert run_cli(["x.png"], checkpoint=str(workdir), k=9) == 2
     assert "k_max" in capsys.readouterr().err
+    (tmp_path / "unfinished" / "checkpoints" / "caption").mkdir(parents=True)
+    assert run_cli(["x.png"], checkpoint=str(tmp_path / "unfinished")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no exported model yet" in err
 
 
 def test_without_a_demo_run_it_says_how_to_make_one(tmp_path):
