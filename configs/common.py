@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
         top_k=16,               # training samples k of the top K (leakage-filtered)
         k_dropout=0.25,         # probability that a training example sees no neighbours
         neighbour_dropout=0.1,  # probability of dropping each shown neighbour
+        image_dropout=0.0,      # probability that an example's decoder sees neighbours only
         dtype="float16",
     ))
 

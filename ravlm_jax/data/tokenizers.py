@@ -23,6 +23,7 @@ import functools
 import gzip
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -104,10 +105,23 @@ class TextTokenizer:
         """ids [L] -> str, or ids [B, L] -> list of str; padding is dropped."""
         ids = np.asarray(ids)
         if ids.ndim == 1:
-            return self.hf.decode(ids.tolist(), skip_special_tokens=skip_special_tokens).strip()
+            text = self.hf.decode(ids.tolist(), skip_special_tokens=skip_special_tokens).strip()
+            return _join_punctuation(text) if self.name == "bert" else text
         if ids.ndim == 2:
             return [self.decode(row, skip_special_tokens) for row in ids]
         raise ValueError(f"decode takes ids of shape [L] or [B, L], got {ids.shape}")
+
+
+_SPACE_BEFORE = re.compile(r"\s+([:;,.!?)\]}%])")
+_SPACE_AFTER = re.compile(r"([(\[{])\s+")
+_SPACE_AROUND = re.compile(r"(?<=\w)\s*([-'/])\s*(?=\w)")
+
+
+def _join_punctuation(text: str) -> str:
+    """WordPiece decoding puts spaces around every punctuation mark ("flag : france",
+    "medium - light"); written text does not."""
+    text = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
+    return _SPACE_AROUND.sub(r"\1", text)
 
 
 def _package_dir(package: str) -> Path:

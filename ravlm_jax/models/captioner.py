@@ -57,6 +57,10 @@ class Captioner(nnx.Module):
         self.image_adapter = Linear(config.image_width, wm, axes=("embed", None), rngs=rngs)
         self.neighbour_proj = (Linear(wd, wm, axes=("embed", None), rngs=rngs)
                                if wd != wm else None)
+        # Retrieved tokens enter the memory through the decoder's token embedding, normalised
+        # (raw embeddings are ~0.02 in scale, far below the normalised image tokens, and
+        # the decoder would learn to ignore them).
+        self.neighbour_token_norm = LayerNorm(wd, rngs=rngs)
         self.neighbour_pos = Embed(config.neighbour_len, wm, axes=(None, "embed"), rngs=rngs)
         self.neighbour_slot = Embed(config.k_max, wm, axes=(None, "embed"), rngs=rngs)
         self.neighbour_layers = nnx.List([
@@ -79,7 +83,7 @@ class Captioner(nnx.Module):
         """Retrieved captions ids, mask [B, k, Ln] (decoder vocab) -> [B, k*Ln, Wm]."""
         self._check_neighbours(ids)
         b, k, ln = ids.shape
-        x = self.decoder.wte(ids)  # [B, k, Ln, Wd]
+        x = self.neighbour_token_norm(self.decoder.wte(ids))  # [B, k, Ln, Wd]
         if self.neighbour_proj is not None:
             x = self.neighbour_proj(x)  # [B, k, Ln, Wm]
         x = (x + self.neighbour_pos.embedding[...][:ln]
@@ -100,8 +104,8 @@ class Captioner(nnx.Module):
         [B, k*Ln]).
 
         Without neighbour layers the memory of a neighbour token is linear in its
-        embeddings, ``wte[id] + pos[l] + slot[j]``, so each layer's K (and V) is
-        ``table[id] + P[l] + S[j]`` with ``table = key(wte)`` projected once over the
+        embeddings, ``norm(wte)[id] + pos[l] + slot[j]``, so each layer's K (and V) is
+        ``table[id] + P[l] + S[j]`` with ``table = key(norm(wte))`` projected once over the
         vocabulary. When the vocabulary is smaller than the number of neighbour tokens in
         the batch (the usual training case), that lookup is far cheaper than projecting
         every token; otherwise the tokens are projected directly. Both give the same K/V.
@@ -111,7 +115,7 @@ class Captioner(nnx.Module):
         flat_mask = mask.reshape(b, k * ln).astype(bool)
         if not (self._linear_neighbours() and self.decoder.cfg.vocab_size < b * k * ln):
             return self.decoder.encode_memory(self.neighbour_memory(ids, mask)), flat_mask
-        emb = self.decoder.wte.embedding[...]  # [V, W]
+        emb = self.neighbour_token_norm(self.decoder.wte.embedding[...])  # [V, W]
         pos = self.neighbour_pos.embedding[...][:ln]  # [Ln, W]
         slot = self.neighbour_slot.embedding[...][:k]  # [k, W]
 
@@ -164,13 +168,15 @@ class Captioner(nnx.Module):
     # ------------------------------------------------------------------ teacher forcing
     def __call__(self, ids: jax.Array, image_tokens: jax.Array | None,
                  neighbour_ids: jax.Array, neighbour_mask: jax.Array, *,
-                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+                 image_keep: jax.Array | None = None, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
         """Teacher-forced logits.
 
         ids [B, T] decoder input (BOS first); image_tokens [B, Ti, Wi] or None;
         neighbour_ids / neighbour_mask [B, C, k, Ln]: the neighbours retrieved for each of
         C chunks (chunk c covers input positions [c*chunk_len, (c+1)*chunk_len)).
-        Returns logits [B, T, V].
+        image_keep [B] bool: rows whose image tokens are hidden from the decoder (training's
+        image dropout, which makes it learn to read the neighbours). Returns [B, T, V].
         """
         b, t = ids.shape
         _, c, k, ln = neighbour_ids.shape
@@ -180,6 +186,8 @@ class Captioner(nnx.Module):
         parts, masks = [], []
         if self.config.use_image_tokens and image_tokens is not None:
             kv, m = self.image_kv(image_tokens)
+            if image_keep is not None:
+                m = m & image_keep[:, None]
             parts.append((kv, m))
             masks.append(jnp.broadcast_to(m[:, None, :], (b, t, m.shape[1])))
         if k > 0:

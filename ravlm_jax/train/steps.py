@@ -106,10 +106,14 @@ def gather_neighbour_tokens(rows: jax.Array, token_ids: jax.Array, token_mask: j
 
 
 def caption_loss_fn(k_max: int, k_dropout: float, neighbour_dropout: float,
-                    label_smoothing: float = 0.0) -> LossFn:
+                    label_smoothing: float = 0.0, image_dropout: float = 0.0) -> LossFn:
+    """Teacher-forced cross-entropy. ``image_dropout``: probability that an example's
+    decoder sees only its neighbours (never when it has none), so that it learns to read
+    them instead of memorising image -> caption."""
+
     def loss_fn(model, batch, tables, rng):
         rows = batch["source_id"]  # [B]
-        r_rng, n_rng, d_rng = jax.random.split(rng, 3)
+        r_rng, n_rng, d_rng, i_rng = jax.random.split(rng, 4)
         r = _pick_caption(r_rng, tables["count"][rows])
         dec = tables["dec_ids"][rows, r]  # [B, Ld]
         dec_mask = tables["dec_mask"][rows, r]
@@ -122,8 +126,11 @@ def caption_loss_fn(k_max: int, k_dropout: float, neighbour_dropout: float,
         shown = sample_neighbours(n_rng, cands, k_max, k_dropout, neighbour_dropout)
         nb_ids, nb_mask = gather_neighbour_tokens(shown, tables["payload_ids"],
                                                   tables["payload_mask"])  # [B, C, k, Ln]
+        has_nb = jnp.any(shown >= 0, axis=(1, 2))  # [B]
+        image_keep = ~(has_nb & (jax.random.uniform(i_rng, has_nb.shape) < image_dropout))
         logits = model(inputs, image_tokens.astype(jnp.float32), nb_ids, nb_mask,
-                       deterministic=False, rngs=nnx.Rngs(dropout=d_rng))  # [B, T, V]
+                       image_keep=image_keep, deterministic=False,
+                       rngs=nnx.Rngs(dropout=d_rng))  # [B, T, V]
         labels = jax.nn.one_hot(targets, logits.shape[-1])
         if label_smoothing:
             labels = optax.smooth_labels(labels, label_smoothing)

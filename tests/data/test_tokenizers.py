@@ -145,3 +145,12 @@ def test_subset_tokenizer_roundtrip_and_unk(tmp_path):
     np.testing.assert_array_equal(again.to_base, sub.to_base)
     with pytest.raises(ValueError, match="not 'clip'"):
         SubsetTokenizer.load(get_tokenizer("clip"), tmp_path / "v.json")
+
+
+def test_bert_decode_joins_punctuation():
+    from ravlm_jax.data.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("bert")
+    for text in ["kiss: person, person, medium-light skin tone", "man's shoe",
+                 "flag: st. vincent & grenadines", "a/b test (x)"]:
+        assert tok.decode(tok.encode(text)) == text
