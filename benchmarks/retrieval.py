@@ -256,7 +256,7 @@ def bench_faiss_hnsw(faiss, db, q, truth, k, single, m, ef_construction) -> dict
     def set_ef(v):
         index.hnsw.efSearch = v
 
-    values = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
+    values = (10, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
     return _faiss_sweep(f"faiss HNSWFlat M={m}", index, q, truth, k, single, "efSearch",
                         values, set_ef, build, size)
 
