@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--install-seconds", type=float, default=None)
     args = parser.parse_args()
     py = sys.executable
-    work = ROOT / args.workdir
+    work = (ROOT / args.workdir).resolve()
     timing: dict[str, float] = {}
     if args.install_seconds is not None:
         timing["install (make venv)"] = args.install_seconds
@@ -61,7 +61,7 @@ def main() -> int:
     emoji = work / "test_emoji.png"
     export_test_emoji(args.config, emoji)
     step("infer", [py, "infer.py", "--checkpoint", args.workdir, "--image", "examples/cat.jpg",
-                   str(emoji.relative_to(ROOT)), "--html", f"{args.workdir}/report.html"],
+                   str(emoji), "--html", str(work / "report.html")],
          timing)
     timing["total"] = round(time.perf_counter() - t0 + timing.get("install (make venv)", 0), 1)
     (work / "timing.json").write_text(json.dumps(timing, indent=2))
