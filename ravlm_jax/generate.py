@@ -15,7 +15,9 @@ program per (batch shape, k, strategy) that
 The layout is exactly the captioner's teacher forcing (``Captioner.__call__``): the decoder
 input at position ``m`` (``m = 0`` is BOS, ``m >= 1`` the m-th generated token) sees the
 neighbours of chunk ``m // chunk_len``, and chunk ``c`` is retrieved with the text
-``w_1 .. w_{c * chunk_len}`` (after the prompt, when there is one).
+``w_1 .. w_{c * chunk_len}``. With a prompt, ``[BOS] + prompt`` sees chunk 0, the j-th
+generated token chunk ``j // chunk_len``, and chunk ``c`` is retrieved with
+``prompt + w_1 .. w_{c * chunk_len}``.
 
 Retrieval runs in the graph in two ways (:class:`ExactRetriever`: exact top-k over a
 device-resident, row-sharded embedding matrix; :class:`ScannRetriever`: ScaNN on the host

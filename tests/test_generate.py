@@ -373,19 +373,25 @@ def test_compiles_once_per_shape_and_follows_new_parameters(store, pixels):
     assert gen.traces == 1
 
 
-@pytest.mark.slow
 def test_runs_sharded_on_8_devices(model, store, exact, pixels, mesh8):
+    """2x2x2 mesh: batch over (data, fsdp), the datastore's rows over all 8 devices."""
     cfg = dict(strategy="greedy", max_len=T, **IDS)
     want = make_generator(model, exact, cfg, k=K)(pixels, exclude_group_ids=EXCLUDE)
     sharded = make_generator(model, ExactRetriever(store, mesh8), cfg, k=K, mesh=mesh8)
     got = sharded(pixels, exclude_group_ids=EXCLUDE)  # batch 3 -> padded to the mesh
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.neighbour_ids, want.neighbour_ids)
+
+
+@pytest.mark.slow
+def test_beam_search_with_the_scann_callback_runs_sharded(model, store, exact, pixels,
+                                                          mesh8):
     scann = ScannRetriever(ScannIndex.build(store[0], mode="brute_force"), store[1], store[2])
-    beam = dict(cfg, strategy="beam", num_beams=3, length_penalty=0.8, max_len=5)
+    beam = dict(strategy="beam", num_beams=3, length_penalty=0.8, max_len=5, **IDS)
     got = make_generator(model, scann, beam, k=K, mesh=mesh8)(pixels, exclude_group_ids=EXCLUDE)
     want = make_generator(model, exact, beam, k=K)(pixels, exclude_group_ids=EXCLUDE)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.neighbour_ids, want.neighbour_ids)
 
 
 def test_scann_callback_searches_per_device_shard(store, mesh8):

@@ -167,6 +167,7 @@ def test_text_lines_html_report_and_the_root_cli(workdir, tmp_path, capsys):
     assert "missing.jpg" in page
 
 
+@pytest.mark.slow
 def test_prompt_continues_and_joins_the_query(workdir, tmp_path, capsys):
     good, _ = image_files(tmp_path)
     run = load_run(str(workdir))
