@@ -16,11 +16,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Caption images with retrieval, or search the datastore by text.")
     parser.add_argument("--image", nargs="+", default=[], metavar="PATH",
                         help="image files to caption")
-    parser.add_argument("--prompt", help="text half of the query, and a prefix the decoder "
-                        "continues; without --image: search the datastore by this text")
-    parser.add_argument("--checkpoint", help="train.py workdir or its model directory "
-                        "(default: workdirs/demo)")
-    parser.add_argument("--datastore", help="datastore directory (default: the workdir's)")
+    parser.add_argument("--prompt", metavar="TEXT",
+                        help="text half of the query, and a prefix the decoder continues; "
+                        "without --image: search the datastore by this text")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="train.py workdir or its model directory (default: workdirs/demo)")
+    parser.add_argument("--datastore", metavar="DIR",
+                        help="datastore directory (default: the workdir's)")
     parser.add_argument("--k", type=int, default=4, help="neighbours to retrieve (0: none)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
