@@ -84,7 +84,7 @@ def load_model(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None
     """Rebuild the captioner from its config (abstractly: no random init runs) and restore
     its parameters straight into their shardings on ``mesh`` (default: all devices on
     ``data``, parameters replicated or split per the logical-axis rules)."""
-    directory = model_dir(path)
+    directory = model_dir(path).absolute()  # orbax wants absolute paths
     config = load_config_json(directory)
     mesh = mesh or make_mesh(tuple(config.mesh.shape) if "mesh" in config else None)
     abstract = nnx.eval_shape(lambda: build_captioner(config.model, nnx.Rngs(0)))
