@@ -828,11 +828,12 @@ class BuildSources:
 
 
 def default_build_sources(config: Any, encoder: str) -> BuildSources:
-    """Dataset batches and the trained dual encoder named by the config (wired by the
-    training stage; this version of the package has no data pipeline yet)."""
-    raise DatastoreError("building from a config needs the data pipeline and a dual-encoder "
-                         "loader (ravlm_jax.data, ravlm_jax.train), which this version of "
-                         "the package does not have yet")
+    """Dataset batches and the trained dual encoder named by the config. The retrieval
+    package cannot import the trainer (imports point down), so the trainer injects this
+    through ``main(build_sources=...)``; until then, say where the working command is."""
+    raise DatastoreError("this entry point has no dataset/encoder hook yet: build datastores "
+                         "with train.py's 'datastore' stage (README: Training, datastores, "
+                         "inference)")
 
 
 def _cmd_build(a: argparse.Namespace, sources_fn: Callable[[Any, str], BuildSources]) -> int:
