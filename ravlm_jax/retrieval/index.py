@@ -84,6 +84,10 @@ def _as_queries(queries: Any, dim: int) -> np.ndarray:
     return np.ascontiguousarray(q)
 
 
+def _empty(k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+
+
 def _check_k(k: int, size: int, kind: str) -> int:
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -305,6 +309,8 @@ class ExactIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = _as_queries(queries, self.dim)
         k = _check_k(k, self.size, self.kind)
+        if not len(q):
+            return _empty(k)
         fn = self._fn(k)
         scores, ids = [], []
         for start in range(0, q.shape[0], self.max_block):
@@ -436,6 +442,8 @@ class ScannIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = _as_queries(queries, self.dim)
         k = _check_k(k, self.size, self.kind)
+        if not len(q):
+            return _empty(k)
         final = min(k, self.size)
         args: dict[str, Any] = {"final_num_neighbors": final}
         if self.params["mode"] == "tree_ah":

@@ -210,6 +210,9 @@ def test_bad_inputs_are_rejected():
         index.search(np.zeros((2, 9), np.float32), 3)
     with pytest.raises(ValueError, match="positive integer"):
         index.search(db[:1], 0)
+    for kind in ("exact", "scann"):  # an empty batch is not an error
+        scores, ids = make_index(kind, db).search(np.zeros((0, 8), np.float32), 3)
+        assert scores.shape == ids.shape == (0, 3)
 
 
 def test_scann_overrides_are_recorded(tmp_path):
