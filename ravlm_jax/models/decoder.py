@@ -191,6 +191,7 @@ class DecoderBlock(nnx.Module):
                  deterministic: bool, rngs: nnx.Rngs | None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
+        x = layers.materialize_grad(x)  # the residual gradient is computed once per block
         h = self.ln_1(x)
         q = self.self_attn.project_query(h)  # [B, T, H, D]
         k, v = self.self_attn.project_kv(h)  # [B, T, H, D] each

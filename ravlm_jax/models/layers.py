@@ -197,6 +197,38 @@ class Attention(nnx.Module):
         return self.attend(self.project_query(x), k, v, mask)
 
 
+@jax.custom_vjp
+def materialize_grad(x: jax.Array) -> jax.Array:
+    """Identity whose backward pass writes the incoming gradient to memory once.
+
+    Called on the residual stream at every block's entry. XLA:CPU fuses cheap elementwise
+    producers into each of their consumers, so the residual-stream gradient (a sum over
+    all later blocks) was recomputed inside every consumer fusion of every block: work
+    quadratic in depth, 13% of a small ViT + GPT-2 train step on CPU
+    (benchmarks/train_step.py). XLA:CPU drops optimization barriers, so on CPU the gradient
+    passes through a conditional (its operand must be a buffer) whose predicate is always
+    true; other platforms keep the plain identity.
+    """
+    return x
+
+
+def _keep_in_memory(g: jax.Array) -> jax.Array:
+    first = g.reshape(-1)[:1]
+    always = ((first == first) | (first != first))[0]  # true for every value, NaN included
+    return jax.lax.cond(always, lambda y: y, jnp.zeros_like, g)
+
+
+def _materialize_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _materialize_bwd(_, g: jax.Array) -> tuple[jax.Array]:
+    return (jax.lax.platform_dependent(g, cpu=_keep_in_memory, default=lambda y: y),)
+
+
+materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 def causal_mask(t: int) -> jax.Array:
     """[1, 1, T, T] bool, True on and below the diagonal."""
     return jnp.tril(jnp.ones((t, t), bool))[None, None]

@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ravlm_jax.models.layers import MLP, Attention, DType, Embed, LayerNorm, normal, param
+from ravlm_jax.models.layers import (
+    MLP,
+    Attention,
+    DType,
+    Embed,
+    LayerNorm,
+    materialize_grad,
+    normal,
+    param,
+)
 from ravlm_jax.sharding import constrain
 
 ACTIVATIONS_AXES = ("batch", "length", "embed")
@@ -83,6 +92,7 @@ class PreLNEncoderLayer(nnx.Module):
         self.mlp = MLP(width, mlp_dim, act, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = materialize_grad(x)  # the residual gradient is computed once per block
         x = x + self.attn(self.norm1(x), mask=mask)  # [B, T, W]
         x = constrain(x, ACTIVATIONS_AXES)
         x = x + self.mlp(self.norm2(x))
