@@ -23,6 +23,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow  # compiles a train step: ~5 s on an idle core, ~20 s on a busy one
 def test_benchmark_runs_and_writes_json(tmp_path):
     bench = load_script()
     out = tmp_path / "r.json"
@@ -50,6 +51,7 @@ def test_size_overrides():
     assert args.shape["width"] == bench.SIZES["small"]["width"]
 
 
+@pytest.mark.slow
 def test_analytic_flops_match_xla():
     """3 x forward matmul FLOPs against XLA's count of the compiled step, which adds the
     elementwise work (layer norms, softmax, AdamW) on top."""
