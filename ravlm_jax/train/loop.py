@@ -346,9 +346,15 @@ def stage_contrastive(run: Run) -> None:
               tables, frozen, cfg)
 
 
+ENCODER_KEYS = ("image_tower", "text_tower", "embed_dim", "fusion")
+
+
 def encoder_fingerprint_of(run: Run) -> str:
+    """Hash of the dual encoder's weights and of the config fields that define it (not the
+    decoder's: a datastore stays valid when only the captioner changes)."""
+    model_cfg = run.config.model.to_dict()
     return encoder_fingerprint(nnx.state(run.model.encoder, nnx.Param),
-                               run.config.model.to_dict())
+                               {k: model_cfg.get(k) for k in ENCODER_KEYS})
 
 
 def _text_keys(run: Run, tables: CaptionTables, features: dict | None) -> np.ndarray:

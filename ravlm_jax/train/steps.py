@@ -81,13 +81,15 @@ def sample_neighbours(rng: jax.Array, candidates: jax.Array, k_max: int, k_dropo
 
     candidates [B, C, K] (top-K per chunk, leakage-filtered, -1 pads) -> [B, C, k_max]
     (-1 = empty slot). Each example draws k of its K candidates (the same ranks in every
-    chunk), shows a random number 1..k_max of them (none with probability ``k_dropout``, so
-    one model serves every k including k = 0), and drops each shown one with probability
+    chunk, kept in rank order so that slot embeddings mean rank, as at inference), shows
+    a random number 1..k_max of them (none with probability ``k_dropout``, so one model
+    serves every k including k = 0), and drops each shown one with probability
     ``neighbour_dropout``: the decoder learns to use neighbours, not to copy one.
     """
     b, _, k = candidates.shape
     r_perm, r_num, r_none, r_drop = jax.random.split(rng, 4)
     order = jnp.argsort(jax.random.uniform(r_perm, (b, k)), axis=1)[:, :k_max]  # [B, k_max]
+    order = jnp.sort(order, axis=1)  # rank order: slot j holds the j-th best, as at inference
     picked = jnp.take_along_axis(candidates, order[:, None, :], axis=2)  # [B, C, k_max]
     shown = jax.random.randint(r_num, (b,), 1, k_max + 1)  # [B]
     shown = jnp.where(jax.random.uniform(r_none, (b,)) < k_dropout, 0, shown)
