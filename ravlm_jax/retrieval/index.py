@@ -348,11 +348,11 @@ BRUTE_FORCE_BELOW = 10_000
 
 def tree_ah_params(n: int) -> dict[str, Any]:
     """Tree + AH parameters for ``n`` rows (see :func:`default_scann_params`)."""
-    num_leaves = max(1, min(int(round(math.sqrt(n))), n // 10))
+    num_leaves = max(1, min(int(round(2 * math.sqrt(n))), n // 10))
     return {
         "mode": "tree_ah",
         "num_leaves": num_leaves,
-        "leaves_to_search": min(num_leaves, max(16, int(round(num_leaves / 64)))),
+        "leaves_to_search": min(num_leaves, max(8, int(round(num_leaves / 256)))),
         "training_sample_size": min(n, 250_000),
         "spherical": True,
         "quantize_centroids": False,
@@ -366,13 +366,16 @@ def default_scann_params(n: int) -> dict[str, Any]:
     """ScaNN parameters from the datastore size (tuning data in docs/PERFORMANCE.md):
 
     * below ``BRUTE_FORCE_BELOW`` rows a tree buys nothing: exact brute force;
-    * ``num_leaves = sqrt(N)``, trained by *spherical* k-means on up to 250k rows: for unit
-      vectors it routes by cosine to unit centroids, where plain k-means centroids of mixed
-      leaves have small norms and misroute (recall@10 0.67 -> 0.96 at N=100k, 16 leaves);
-    * ``leaves_to_search = max(16, num_leaves / 64)`` (16 of 316 leaves at 100k, 16 of 1000
-      at 1M, 1.6% beyond 4M rows): recall@10 >= 0.96 on clustered data at 100k and 1M;
+    * ``num_leaves = 2 sqrt(N)`` (leaves of ~sqrt(N)/2 rows), trained by *spherical* k-means
+      on up to 250k rows: for unit vectors it routes by cosine to unit centroids, where plain
+      k-means centroids of leaves that mix clusters have small norms and misroute (recall@10
+      0.67 -> 0.96 at N=100k);
+    * ``leaves_to_search = max(8, num_leaves / 256)``: 8 of 632 leaves at 100k and of 2000 at
+      1M, where recall@10 was 0.958-0.986 on clustered data of high and of low intrinsic
+      dimension (0.4% of the leaves beyond 4M rows, an extrapolation);
     * anisotropic hashing, 2 dims per 4-bit block, threshold 0.2 (the ScaNN paper's setting
-      for inner product search), centroids scored in float;
+      for inner product search; 4 dims per block lost a third of the recall on
+      high-dimensional clusters), centroids scored in float;
     * exact re-ordering of the best ``reorder = 100`` AH candidates (``10 k`` when k > 10).
     """
     if n < BRUTE_FORCE_BELOW:

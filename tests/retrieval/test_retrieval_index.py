@@ -127,7 +127,7 @@ def test_k_larger_than_datastore_pads(kind):
 def test_scann_defaults_depend_on_size():
     assert default_scann_params(500)["mode"] == "brute_force"
     big = default_scann_params(1_000_000)
-    assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000
+    assert big["mode"] == "tree_ah" and big["num_leaves"] == 2000
     assert 1 <= big["leaves_to_search"] <= big["num_leaves"]
     assert big["dims_per_block"] == 2 and big["anisotropic_quantization_threshold"] == 0.2
 
