@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
         k_dropout=0.25,         # probability that a training example sees no neighbours
         neighbour_dropout=0.1,  # probability of dropping each shown neighbour
         image_dropout=0.0,      # probability that an example's decoder sees neighbours only
+        crossfit_folds=0,       # >1: training neighbours retrieved by out-of-fold encoders
         dtype="float16",
     ))
 

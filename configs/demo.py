@@ -25,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.captioner.update(k_max=8, neighbour_len=8, neighbour_layers=0, chunk_len=4)
     # Half of the examples that see neighbours hide their image from the decoder: without
     # this it memorises image -> caption and ignores what it retrieves (docs/RESULTS.md).
-    config.retrieval.image_dropout = 0.5
+    config.retrieval.update(image_dropout=0.5, top_k=8)
     config.train.contrastive.update(steps=300, batch_size=256, learning_rate=2e-3)
     config.train.caption.update(steps=800, batch_size=64, learning_rate=1e-3)
     config.train.checkpoint_every = 100

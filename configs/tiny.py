@@ -5,7 +5,8 @@
 Runs contrastive alignment, the datastore build and captioning for a few steps each, with a
 checkpoint every few steps, in well under 2 minutes on 2 CPU cores. The numbers it reaches
 mean nothing (the towers are random and tiny); tests and checks use it to exercise the
-whole system. ``configs/tiny.py:pretrained`` swaps in the demo's real towers.
+whole system. ``configs/tiny.py:pretrained`` swaps in the demo's real towers (frozen and
+cached) and its recipe (decoder vocabulary subset, cross-fitted neighbours, image dropout).
 """
 
 import ml_collections
@@ -32,8 +33,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     m.decoder.update(width=32, layers=1, heads=2, n_positions=32)
     m.captioner.update(k_max=4, neighbour_len=8, neighbour_layers=1, neighbour_heads=2,
                        chunk_len=4)
-    if arg == "pretrained":
+    if arg == "pretrained":  # the demo's towers and training recipe, in miniature
         common.use_demo_towers(config)
+        config.model.decoder_vocab = "train"
+        config.retrieval.update(crossfit_folds=2, image_dropout=0.5)
 
     config.retrieval.update(k=2, top_k=4)
     t = config.train

@@ -360,13 +360,21 @@ class IndexLoader:
     """
 
     def __init__(self, n: int, *, batch_size: int, seed: int = 0,
-                 shard_index: int | None = None, shard_count: int | None = None):
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 rows: Sequence[int] | None = None):
+        """Rows ``0..n-1``, or only ``rows`` (a subset, e.g. the other folds)."""
+        if rows is not None:
+            rows = np.asarray(rows, np.int32)
+            n = len(rows)
         if n < 1 or batch_size < 1:
             raise ValueError(f"IndexLoader needs n >= 1 and batch_size >= 1 (got {n}, "
                              f"{batch_size})")
         self.shard_index, self.shard_count = _process_shard(shard_index, shard_count)
         self.batch_size, self.source_len = batch_size, n
-        ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+        ds = grain.MapDataset.range(n)
+        if rows is not None:
+            ds = ds.map(lambda i: rows[i])
+        ds = ds.shuffle(seed=seed).repeat(None)
         ds = ds[self.shard_index::self.shard_count].batch(batch_size, drop_remainder=True)
         ds = ds.map(lambda rows: {"source_id": np.asarray(rows, np.int32)})
         self._iterator = iter(ds.to_iter_dataset())

@@ -28,7 +28,7 @@ from flax import nnx
 
 from ravlm_jax.models.decoder import Decoder, MemoryKV
 from ravlm_jax.models.dual_encoder import DualEncoder
-from ravlm_jax.models.layers import Embed, LayerNorm, Linear
+from ravlm_jax.models.layers import Embed, LayerNorm, Linear, normal, param
 from ravlm_jax.models.vit import PreLNEncoderLayer
 from ravlm_jax.sharding import constrain
 
@@ -42,6 +42,7 @@ class CaptionerConfig:
     neighbour_heads: int = 4
     chunk_len: int = 4               # tokens generated between two retrievals
     use_image_tokens: bool = True
+    neighbour_next: bool = False     # each retrieved token also carries the token after it
 
 
 class Captioner(nnx.Module):
@@ -61,6 +62,13 @@ class Captioner(nnx.Module):
         # (raw embeddings are ~0.02 in scale, far below the normalised image tokens, and
         # the decoder would learn to ignore them).
         self.neighbour_token_norm = LayerNorm(wd, rngs=rngs)
+        # ... plus the token that follows it (a learned end vector after the last one): a
+        # decoder that has just written x finds x among the retrieved tokens and reads what
+        # came next in one cross-attention step, which is what copying a phrase needs.
+        self.neighbour_next = (Linear(wd, wd, axes=("embed", None), use_bias=False, rngs=rngs)
+                               if config.neighbour_next else None)
+        self.neighbour_end = (param(rngs, normal(0.02), (wd,), ("embed",))
+                              if config.neighbour_next else None)
         self.neighbour_pos = Embed(config.neighbour_len, wm, axes=(None, "embed"), rngs=rngs)
         self.neighbour_slot = Embed(config.k_max, wm, axes=(None, "embed"), rngs=rngs)
         self.neighbour_layers = nnx.List([
@@ -84,6 +92,10 @@ class Captioner(nnx.Module):
         self._check_neighbours(ids)
         b, k, ln = ids.shape
         x = self.neighbour_token_norm(self.decoder.wte(ids))  # [B, k, Ln, Wd]
+        if self.neighbour_next is not None:
+            next_ids, is_last = _next_tokens(ids, mask)
+            nxt = self.neighbour_next(self.neighbour_token_norm(self.decoder.wte(next_ids)))
+            x = x + jnp.where(is_last[..., None], self.neighbour_end[...], nxt)
         if self.neighbour_proj is not None:
             x = self.neighbour_proj(x)  # [B, k, Ln, Wm]
         x = (x + self.neighbour_pos.embedding[...][:ln]
@@ -104,11 +116,13 @@ class Captioner(nnx.Module):
         [B, k*Ln]).
 
         Without neighbour layers the memory of a neighbour token is linear in its
-        embeddings, ``norm(wte)[id] + pos[l] + slot[j]``, so each layer's K (and V) is
-        ``table[id] + P[l] + S[j]`` with ``table = key(norm(wte))`` projected once over the
-        vocabulary. When the vocabulary is smaller than the number of neighbour tokens in
-        the batch (the usual training case), that lookup is far cheaper than projecting
-        every token; otherwise the tokens are projected directly. Both give the same K/V.
+        embeddings, ``norm(wte)[id] + next(norm(wte)[id'])  + pos[l] + slot[j]`` (``id'``
+        the following token), so each layer's K (and V) is
+        ``table[id] + next_table[id'] + P[l] + S[j]`` with ``table = key(norm(wte))``
+        projected once over the vocabulary. When the vocabulary is smaller than the number
+        of neighbour tokens in the batch (the usual training case), that lookup is far
+        cheaper than projecting every token; otherwise the tokens are projected directly.
+        Both give the same K/V.
         """
         self._check_neighbours(ids)
         b, k, ln = ids.shape
@@ -118,6 +132,10 @@ class Captioner(nnx.Module):
         emb = self.neighbour_token_norm(self.decoder.wte.embedding[...])  # [V, W]
         pos = self.neighbour_pos.embedding[...][:ln]  # [Ln, W]
         slot = self.neighbour_slot.embedding[...][:k]  # [k, W]
+        if self.neighbour_next is not None:
+            next_ids, is_last = _next_tokens(ids, mask)
+            next_emb = self.neighbour_next(emb)  # [V, W]
+            end = self.neighbour_end[...]  # [W]
 
         def project(lin) -> jax.Array:
             kernel = lin.kernel[...].astype(lin.dtype)  # [W, inner]
@@ -125,6 +143,10 @@ class Captioner(nnx.Module):
             p = jnp.einsum("lw,wi->li", pos.astype(lin.dtype), kernel)  # [Ln, inner]
             s = jnp.einsum("kw,wi->ki", slot.astype(lin.dtype), kernel)  # [k, inner]
             out = table[ids] + p[None, None] + s[None, :, None]  # [B, k, Ln, inner]
+            if self.neighbour_next is not None:
+                nxt = jnp.einsum("vw,wi->vi", next_emb.astype(lin.dtype), kernel)  # [V, inner]
+                e = jnp.einsum("w,wi->i", end.astype(lin.dtype), kernel)  # [inner]
+                out = out + jnp.where(is_last[..., None], e, nxt[next_ids])
             return out.reshape(b, k * ln, -1)  # [B, k*Ln, inner]
 
         keys, values = [], []
@@ -208,6 +230,13 @@ class Captioner(nnx.Module):
         logits, _ = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
                                  deterministic=deterministic, rngs=rngs)
         return logits
+
+
+def _next_tokens(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ids, mask [..., Ln] -> (the id after each token [..., Ln], is-last-token [..., Ln])."""
+    next_ids = jnp.concatenate([ids[..., 1:], jnp.zeros_like(ids[..., :1])], -1)
+    next_valid = jnp.concatenate([mask[..., 1:], jnp.zeros_like(mask[..., :1])], -1)
+    return next_ids, mask.astype(bool) & ~next_valid.astype(bool)
 
 
 def concat_memory(parts: list[tuple[MemoryKV, jax.Array]]) -> tuple[MemoryKV, jax.Array]:

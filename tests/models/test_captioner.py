@@ -15,7 +15,7 @@ from ravlm_jax.models.vit import ViT, ViTConfig
 VOCAB = 50
 
 
-def tiny_captioner(seed=0, chunk_len=3, k_max=4, neighbour_layers=1):
+def tiny_captioner(seed=0, chunk_len=3, k_max=4, neighbour_layers=1, neighbour_next=True):
     rngs = nnx.Rngs(seed)
     vit = ViT(ViTConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
               rngs=rngs)
@@ -27,7 +27,8 @@ def tiny_captioner(seed=0, chunk_len=3, k_max=4, neighbour_layers=1):
                                 memory_width=24, cross_attention=True), rngs=rngs)
     return Captioner(enc, dec, CaptionerConfig(image_width=16, k_max=k_max, neighbour_len=5,
                                                chunk_len=chunk_len,
-                                               neighbour_layers=neighbour_layers), rngs=rngs)
+                                               neighbour_layers=neighbour_layers,
+                                               neighbour_next=neighbour_next), rngs=rngs)
 
 
 def _inputs(b=2, t=7, c=3, k=2, ln=5):
@@ -91,10 +92,11 @@ def test_zero_neighbours_and_bad_shapes():
         model.neighbour_memory(jnp.zeros((1, 5, 5), jnp.int32), jnp.ones((1, 5, 5)))
 
 
-def test_vocabulary_lookup_kv_equals_projecting_tokens():
+@pytest.mark.parametrize("nxt", [False, True])
+def test_vocabulary_lookup_kv_equals_projecting_tokens(nxt):
     """With no neighbour layers, K/V come from a per-vocabulary table when that is cheaper
     (here 4*4*5 = 80 neighbour tokens > vocabulary 50): same numbers as projecting."""
-    model = tiny_captioner(neighbour_layers=0)
+    model = tiny_captioner(neighbour_layers=0, neighbour_next=nxt)
     key = jax.random.key(5)
     ids = jax.random.randint(key, (4, 4, 5), 0, VOCAB)
     mask = (jax.random.uniform(jax.random.fold_in(key, 1), (4, 4, 5)) > 0.3).astype(jnp.int32)

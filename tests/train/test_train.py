@@ -144,3 +144,14 @@ def test_nan_guard_stops_with_step(tmp_path, data_dir):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error: contrastive:") and "at step" in last, last
     assert "Traceback" not in proc.stderr
+
+
+def test_folds_keep_groups_together():
+    from ravlm_jax.train.loop import fold_of_rows
+
+    groups = np.array([5, 5, 7, 9, 9, 9, 11, 12, 12, 13])
+    fold = fold_of_rows(groups, 2, seed=0)
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g])) == 1
+    assert set(fold) == {0, 1}
+    np.testing.assert_array_equal(fold, fold_of_rows(groups, 2, seed=0))
