@@ -97,9 +97,8 @@ def load_run(checkpoint: str | os.PathLike | None = None, datastore: str | None 
     """Load a trained run. ``checkpoint``: a ``train.py`` workdir or a model directory
     (default: the demo's workdir); ``datastore``: a datastore directory (default: the
     workdir's). Every failure is one :class:`InferError` line saying what to do."""
-    from flax import nnx  # noqa: PLC0415
 
-    from ravlm_jax.retrieval.datastore import Datastore, encoder_fingerprint  # noqa: PLC0415
+    from ravlm_jax.retrieval.datastore import Datastore, dual_encoder_fingerprint  # noqa: PLC0415
     from ravlm_jax.sharding import make_mesh  # noqa: PLC0415
     from ravlm_jax.train import export  # noqa: PLC0415
 
@@ -132,8 +131,7 @@ def load_run(checkpoint: str | os.PathLike | None = None, datastore: str | None 
     store = None
     ds_dir = _datastore_dir(path, mdir, datastore)
     if ds_dir is not None:
-        fingerprint = encoder_fingerprint(nnx.state(model.encoder, nnx.Param),
-                                          config.model.to_dict())
+        fingerprint = dual_encoder_fingerprint(model.encoder, config.model)
         try:
             store = Datastore.load(ds_dir, expect_fingerprint=fingerprint,
                                    expect_dim=model.encoder.config.embed_dim, mesh=mesh)

@@ -110,6 +110,21 @@ def encoder_fingerprint(module_state: Any, config: Any = None, length: int = 16)
     return h.hexdigest()[:length]
 
 
+ENCODER_CONFIG_KEYS = ("image_tower", "text_tower", "embed_dim", "fusion")
+
+
+def dual_encoder_fingerprint(encoder: Any, model_config: Any) -> str:
+    """Fingerprint of a dual encoder and of the model-config fields that define it (not the
+    decoder's: a datastore stays valid when only the captioner changes). Training and
+    inference both call this, so they agree."""
+    from flax import nnx
+
+    if hasattr(model_config, "to_dict"):
+        model_config = model_config.to_dict()
+    return encoder_fingerprint(nnx.state(encoder, nnx.Param),
+                               {k: model_config.get(k) for k in ENCODER_CONFIG_KEYS})
+
+
 def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 

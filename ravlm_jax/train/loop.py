@@ -43,7 +43,7 @@ from ravlm_jax.models.factory import build_captioner, pretrained_tower_arrays
 from ravlm_jax.retrieval.datastore import (
     Datastore,
     build_datastore,
-    encoder_fingerprint,
+    dual_encoder_fingerprint,
     search_filtered,
 )
 from ravlm_jax.retrieval.index import ExactIndex
@@ -360,15 +360,8 @@ def stage_contrastive(run: Run, stage: str = "contrastive", rows: np.ndarray | N
               tables, frozen, cfg, rows)
 
 
-ENCODER_KEYS = ("image_tower", "text_tower", "embed_dim", "fusion")
-
-
 def encoder_fingerprint_of(run: Run) -> str:
-    """Hash of the dual encoder's weights and of the config fields that define it (not the
-    decoder's: a datastore stays valid when only the captioner changes)."""
-    model_cfg = run.config.model.to_dict()
-    return encoder_fingerprint(nnx.state(run.model.encoder, nnx.Param),
-                               {k: model_cfg.get(k) for k in ENCODER_KEYS})
+    return dual_encoder_fingerprint(run.model.encoder, run.config.model)
 
 
 def _text_keys(run: Run, tables: CaptionTables, features: dict | None) -> np.ndarray:
