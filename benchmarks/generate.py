@@ -328,6 +328,10 @@ def main(a: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     args = parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # torch's OpenMP threads spin at every op's barrier by default; on a CPU shared with
+    # other work a descheduled spinner stalls each op by a time slice. Passive waiting is the
+    # fair setting for the baseline (as in benchmarks/train_step.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = main(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")

@@ -190,7 +190,40 @@ def _stack(rows: Sequence[Mapping[str, np.ndarray]], batch_size: int, pad_row=No
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-class Loader:
+class _BatchIterator:
+    """What the training loop needs of a loader: iteration, grain's resumable state, the
+    per-process epoch length, and close. Subclasses set ``_iterator``, ``batch_size``,
+    ``source_len`` and ``shard_count``."""
+
+    _iterator: Any
+    batch_size: int
+    source_len: int
+    shard_count: int
+
+    def __iter__(self) -> _BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._iterator.set_state(state)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full batches per epoch on this process, before any example is skipped."""
+        return self.source_len // self.shard_count // self.batch_size
+
+    def close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+class Loader(_BatchIterator):
     """An iterator of batches with exactly-resumable, JSON-serialisable state.
 
     ``get_state()`` -> ``{"parent": {...grain state...}, "skipped": {reason: count}}``;
@@ -205,31 +238,9 @@ class Loader:
         self._iterator = iter(dataset)
         self._counter = _find(self._iterator, _SkipAndCountIterator)
 
-    def __iter__(self) -> Loader:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._iterator.get_state()
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        self._iterator.set_state(state)
-
     @property
     def skipped(self) -> dict[str, int]:
         return dict(self._counter.skipped)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Full batches per epoch on this process, before any example is skipped."""
-        return self.source_len // self.shard_count // self.batch_size
-
-    def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
 
 
 def _find(iterator: grain.DatasetIterator, cls: type) -> Any:
@@ -351,7 +362,7 @@ def loader_from_config(data_config: Mapping[str, Any], split: str, *, batch_size
     return source, loader
 
 
-class IndexLoader:
+class IndexLoader(_BatchIterator):
     """Shuffled batches of example rows only: ``{"source_id": [B] int32}``.
 
     For steps that read everything else from device-resident tables and feature caches (a
@@ -379,25 +390,6 @@ class IndexLoader:
         ds = ds.map(lambda rows: {"source_id": np.asarray(rows, np.int32)})
         self._iterator = iter(ds.to_iter_dataset())
 
-    def __iter__(self) -> IndexLoader:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._iterator.get_state()
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        self._iterator.set_state(state)
-
     @property
     def skipped(self) -> dict[str, int]:
         return {}
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.source_len // self.shard_count // self.batch_size
-
-    def close(self) -> None:
-        pass
