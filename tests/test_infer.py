@@ -19,7 +19,7 @@ from ravlm_jax.config import load_config
 from ravlm_jax.data.tokenizers import get_tokenizer
 from ravlm_jax.infer import caption_images, load_run, run_cli
 from ravlm_jax.models.factory import build_captioner
-from ravlm_jax.retrieval.datastore import build_datastore, encoder_fingerprint
+from ravlm_jax.retrieval.datastore import build_datastore, dual_encoder_fingerprint
 from ravlm_jax.train.export import export_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,8 +72,7 @@ def workdir(tmp_path_factory):
     batch = {"keys": keys, "text": CAPTIONS, "token_ids": tokens,
              "group_id": np.arange(len(CAPTIONS)),
              "image_ref": [f"../images/{i}.png" for i in range(len(CAPTIONS))]}
-    fingerprint = encoder_fingerprint(nnx.state(model.encoder, nnx.Param),
-                                      config.model.to_dict())
+    fingerprint = dual_encoder_fingerprint(model.encoder, config.model)
     build_datastore(wd / "datastore", lambda b: b["keys"], [batch], fingerprint=fingerprint,
                     tokenizer_name="bert", index_kind="scann", pad_id=bert.pad_id,
                     progress=False)
