@@ -86,7 +86,11 @@ def sample_neighbours(rng: jax.Array, candidates: jax.Array, k_max: int, k_dropo
     serves every k including k = 0), and drops each shown one with probability
     ``neighbour_dropout``: the decoder learns to use neighbours, not to copy one.
     """
-    b, _, k = candidates.shape
+    b, c, k = candidates.shape
+    if k < k_max:  # fewer candidates than slots (top_k < k_max): the rest stay empty
+        candidates = jnp.concatenate(
+            [candidates, jnp.full((b, c, k_max - k), -1, candidates.dtype)], axis=2)
+        k = k_max
     r_perm, r_num, r_none, r_drop = jax.random.split(rng, 4)
     order = jnp.argsort(jax.random.uniform(r_perm, (b, k)), axis=1)[:, :k_max]  # [B, k_max]
     order = jnp.sort(order, axis=1)  # rank order: slot j holds the j-th best, as at inference
