@@ -34,8 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
         index="scann",          # scann | exact
         index_params={},        # overrides of the backend's size-based defaults
         key="text",             # datastore keys: caption embeddings (image->text retrieval)
-        k=4,                    # neighbours shown to the decoder
-        top_k=16,               # training samples k of the top K (leakage-filtered)
+        k=4,                    # neighbours at inference (infer.py --k default, eval's k)
+        top_k=16,               # training: k_max of the top K (leakage-filtered) in rank
+                                # order, of which the first 1..k_max are shown
         k_dropout=0.25,         # probability that a training example sees no neighbours
         neighbour_dropout=0.1,  # probability of dropping each shown neighbour
         image_dropout=0.0,      # probability that an example's decoder sees neighbours only

@@ -7,6 +7,10 @@ once); trained projections and fusion (contrastive stage), a datastore of the tr
 split's captions, and a small decoder sharing MiniLM's BERT vocabulary that cross-attends
 to the image tokens and to k retrieved captions (k sampled up to 8, re-retrieved every 4
 tokens). ``make demo`` runs it and writes docs/RESULTS.md from its eval.json.
+
+Expected (fresh clone, 2 CPU cores): train + evaluate in about 8 minutes; on the test split
+CIDEr-D 0.300 at k=0, 0.314 at k=4, 0.337 at k=8 (beam 3), image->text R@1 0.267, R@10
+0.595. docs/PERFORMANCE.md (Demo) says why k=4 gains less than the 10% we aimed for.
 """
 
 import ml_collections
@@ -24,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 cross_attention_reduce_factor=2)
     config.model.captioner.update(k_max=8, neighbour_len=8, neighbour_layers=0, chunk_len=4)
     # Half of the examples that see neighbours hide their image from the decoder: without
-    # this it memorises image -> caption and ignores what it retrieves (docs/RESULTS.md).
+    # this it memorises image -> caption and ignores what it retrieves (docs/PERFORMANCE.md).
     config.retrieval.update(image_dropout=0.5, top_k=8)
     config.train.contrastive.update(steps=300, batch_size=256, learning_rate=2e-3)
     config.train.caption.update(steps=800, batch_size=64, learning_rate=1e-3)
