@@ -5,6 +5,7 @@ Not a timed test: one process runs both on the same CPU, data and sizes, and rep
 
     python benchmarks/generate.py --json out.json            # batch 1 and 32
     python benchmarks/generate.py --batches 1 --new-tokens 8  # a quick look
+    python benchmarks/generate.py --breakdown                 # where our loop's time goes
 
 Both sides generate ``--new-tokens`` tokens greedily for a batch of images, retrieving
 ``--k`` neighbours every ``--chunk`` tokens with the query ``E(text so far, image)``:
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--breakdown", action="store_true",
+                   help="ours only: decoding alone, + neighbours once, + every chunk")
     return p.parse_args(argv)
 
 
@@ -258,6 +261,34 @@ def run_baseline(s: Setup, models, batch: int):
     return generate
 
 
+# ============================================================================ breakdown
+
+
+def breakdown(a: argparse.Namespace) -> dict:
+    """Our loop with its parts switched on one at a time (no torch needed)."""
+    from ravlm_jax.generate import ExactRetriever, GenerateConfig, make_generator
+
+    s = Setup(a)
+    model = build_ours(s)
+    exact = ExactRetriever((s.emb, s.tokens, s.groups))
+    cfg = GenerateConfig(strategy="greedy", max_len=a.new_tokens, bos_id=101, eos_id=102,
+                         pad_id=0)
+    variants = (("decoding only (k=0, one chunk)", None, 0, a.new_tokens),
+                ("+ neighbours retrieved once", exact, a.k, a.new_tokens),
+                ("+ retrieval every chunk (exact)", exact, a.k, a.chunk),
+                ("+ retrieval every chunk (scann)", s.scann, a.k, a.chunk))
+    out = {}
+    for b in a.batches:
+        features = (s.image_tokens[:b], s.image_pooled[:b])
+        for name, retriever, k, chunk in variants:
+            gen = make_generator(model, retriever, cfg, k=k, chunk_len=chunk)
+            gen(features)  # compile
+            best = min(timed(lambda g=gen, f=features: g(f), a.repeats))
+            out[f"b{b} {name}"] = round(best, 4)
+            print(f"batch {b:3d} {name:34s} {best * 1e3:8.1f} ms", flush=True)
+    return out
+
+
 # ============================================================================ main
 
 
@@ -332,7 +363,7 @@ if __name__ == "__main__":
     # other work a descheduled spinner stalls each op by a time slice. Passive waiting is the
     # fair setting for the baseline (as in benchmarks/train_step.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = main(args)
+    out = breakdown(args) if args.breakdown else main(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
