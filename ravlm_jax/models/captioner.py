@@ -152,8 +152,8 @@ class Captioner(nnx.Module):
         keys, values = [], []
         for block in self.decoder.blocks:
             attn = block.cross_attn
-            keys.append(attn._split(project(attn.key)))  # [B, k*Ln, H, D]
-            values.append(attn._split(project(attn.value)))
+            keys.append(attn.heads_major(attn._split(project(attn.key))))  # [B, H, k*Ln, D]
+            values.append(attn.heads_major(attn._split(project(attn.value))))
         return MemoryKV(keys=tuple(keys), values=tuple(values)), flat_mask
 
     def image_kv(self, image_tokens: jax.Array) -> tuple[MemoryKV, jax.Array]:
@@ -216,7 +216,12 @@ class Captioner(nnx.Module):
             # each chunk's neighbours encoded on their own: [B*C, k, Ln] -> [B, C*k*Ln]
             kv, nb_valid = self.neighbour_kv(neighbour_ids.reshape(b * c, k, ln),
                                              neighbour_mask.reshape(b * c, k, ln))
-            kv = jax.tree.map(lambda x: x.reshape(b, c * k * ln, *x.shape[2:]), kv)
+            def per_row(x: jax.Array) -> jax.Array:  # [B*C, H, k*Ln, D] -> [B, H, C*k*Ln, D]
+                h, d = x.shape[1], x.shape[3]
+                x = x.reshape(b, c, h, k * ln, d).transpose(0, 2, 1, 3, 4)  # [B, H, C, kLn, D]
+                return x.reshape(b, h, c * k * ln, d)
+
+            kv = jax.tree.map(per_row, kv)
             nb_valid = nb_valid.reshape(b, c, k * ln)  # [B, C, k*Ln]
             own_chunk = (jnp.arange(t) // cl)[:, None] == jnp.arange(c)[None, :]  # [T, C]
             # [B, T, C, k*Ln]: position t sees only chunk(t)'s valid neighbour tokens
@@ -240,12 +245,12 @@ def _next_tokens(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def concat_memory(parts: list[tuple[MemoryKV, jax.Array]]) -> tuple[MemoryKV, jax.Array]:
-    """Concatenate (MemoryKV, mask) pieces along the memory axis."""
+    """Concatenate (MemoryKV [B, H, M, D], mask [B, M]) pieces along the memory axis."""
     if len(parts) == 1:
         return parts[0]
     kvs, masks = zip(*parts, strict=True)
-    keys = tuple(jnp.concatenate(layer, 1) for layer in zip(*(kv.keys for kv in kvs),
+    keys = tuple(jnp.concatenate(layer, 2) for layer in zip(*(kv.keys for kv in kvs),
                                                              strict=True))
-    values = tuple(jnp.concatenate(layer, 1) for layer in zip(*(kv.values for kv in kvs),
+    values = tuple(jnp.concatenate(layer, 2) for layer in zip(*(kv.values for kv in kvs),
                                                                strict=True))
     return MemoryKV(keys=keys, values=values), jnp.concatenate(masks, 1)

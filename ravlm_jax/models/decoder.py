@@ -119,7 +119,8 @@ class DecoderConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MemoryKV:
-    """Per-layer cross-attention keys and values, each ``[B, M, H, cross_head_dim]``."""
+    """Per-layer cross-attention keys and values, each ``[B, H, M, cross_head_dim]``
+    (heads-major: see ``layers.dot_product_attention``)."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -138,8 +139,8 @@ class KVCache:
     of left-padded prompts keeps GPT-2 positions 0, 1, ... for its real tokens.
     """
 
-    keys: tuple[jax.Array, ...]  # per layer [B, S, H, D]
-    values: tuple[jax.Array, ...]  # per layer [B, S, H, D]
+    keys: tuple[jax.Array, ...]  # per layer [B, H, S, D]
+    values: tuple[jax.Array, ...]  # per layer [B, H, S, D]
     valid: jax.Array  # [B, S] bool: the slot holds a real (non-padding) token
     index: jax.Array  # [] int32: next slot to write
     positions: jax.Array  # [B] int32: position id of each row's next real token
@@ -195,18 +196,21 @@ class DecoderBlock(nnx.Module):
         h = self.ln_1(x)
         q = self.self_attn.project_query(h)  # [B, T, H, D]
         k, v = self.self_attn.project_kv(h)  # [B, T, H, D] each
-        if layer_cache is not None:
-            k_buf, v_buf = layer_cache  # [B, S, H, D]
-            k = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), (0, index, 0, 0))
-            k = constrain(k, ("batch", "length", "heads", "kv"))
-            v = constrain(v, ("batch", "length", "heads", "kv"))
+        if layer_cache is not None:  # heads-major buffers [B, H, S, D]
+            k_buf, v_buf = layer_cache
+            k, v = self.self_attn.heads_major(k), self.self_attn.heads_major(v)  # [B,H,T,D]
+            k = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), (0, 0, index, 0))
+            k = constrain(k, ("batch", "heads", "length", "kv"))
+            v = constrain(v, ("batch", "heads", "length", "kv"))
             layer_cache = (k, v)
-        x = x + drop(self.self_attn.attend(q, k, v, self_mask))
+        x = x + drop(self.self_attn.attend(q, k, v, self_mask,
+                                           kv_heads_major=layer_cache is not None))
 
         if cross_kv is not None:
             h = self.ln_cross_attn(x)
-            out = self.cross_attn.attend(self.cross_attn.project_query(h), *cross_kv, cross_mask)
+            out = self.cross_attn.attend(self.cross_attn.project_query(h), *cross_kv,
+                                         cross_mask, kv_heads_major=True)
             if self.cross_gate is not None:
                 out = out * jnp.tanh(self.cross_gate[...]).astype(out.dtype)
             x = x + drop(out)
@@ -242,7 +246,7 @@ class Decoder(nnx.Module):
             raise ValueError(f"memory must be [B, M, {self.cfg.memory_width}], got "
                              f"{tuple(memory.shape)}")
         memory = constrain(memory.astype(self.cfg.dtype), ("batch", "length", "embed"))
-        kvs = [block.cross_attn.project_kv(memory) for block in self.blocks]
+        kvs = [block.cross_attn.project_kv_heads_major(memory) for block in self.blocks]
         return MemoryKV(keys=tuple(k for k, _ in kvs), values=tuple(v for _, v in kvs))
 
     # ----------------------------------------------------------------------- cache
@@ -253,11 +257,11 @@ class Decoder(nnx.Module):
         if not 0 < max_len <= cfg.n_positions:
             raise ValueError(f"cache max_len {max_len} must be in [1, n_positions="
                              f"{cfg.n_positions}]")
-        shape = (batch, max_len, cfg.heads, cfg.head_dim)
+        shape = (batch, cfg.heads, max_len, cfg.head_dim)  # heads-major
         dtype = cfg.dtype if dtype is None else dtype
 
         def buffer() -> jax.Array:
-            return constrain(jnp.zeros(shape, dtype), ("batch", "length", "heads", "kv"))
+            return constrain(jnp.zeros(shape, dtype), ("batch", "heads", "length", "kv"))
 
         return KVCache(keys=tuple(buffer() for _ in range(cfg.layers)),
                        values=tuple(buffer() for _ in range(cfg.layers)),
@@ -357,7 +361,7 @@ class Decoder(nnx.Module):
         if len(memory_kv.keys) != self.cfg.layers:
             raise ValueError(f"memory_kv has {len(memory_kv.keys)} layers, decoder "
                              f"{self.cfg.layers}")
-        mb, m = memory_kv.keys[0].shape[:2]
+        mb, m = memory_kv.keys[0].shape[0], memory_kv.keys[0].shape[2]  # [B, H, M, D]
         if mb != b:
             raise ValueError(f"memory has batch {mb}, ids have batch {b}")
         if memory_mask is None:

@@ -128,15 +128,20 @@ class MLP(nnx.Module):
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None, scale: float | None = None,
-                          bias: jax.Array | None = None) -> jax.Array:
+                          bias: jax.Array | None = None, kv_heads_major: bool = False
+                          ) -> jax.Array:
     """Softmax attention in float32.
 
-    q: [B, Tq, H, D]; k, v: [B, Tk, H, D]; mask: bool, broadcastable to [B, H, Tq, Tk]
-    (True = attend); bias: additive, same broadcast. Returns [B, Tq, H, D]. Rows whose mask
-    is all False return zeros instead of NaN (padded memory, padded queries).
+    q: [B, Tq, H, D]; k, v: [B, Tk, H, D], or [B, H, Tk, D] with ``kv_heads_major`` (the
+    layout of decoding caches: a one-token query then reads K/V without transposing them
+    at every step, which XLA:CPU otherwise does); mask: bool, broadcastable to
+    [B, H, Tq, Tk] (True = attend); bias: additive, same broadcast. Returns [B, Tq, H, D].
+    Rows whose mask is all False return zeros instead of NaN (padded memory, padded
+    queries).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    kv = "bhkd" if kv_heads_major else "bkhd"
+    logits = jnp.einsum(f"bqhd,{kv}->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
     logits = logits * scale  # [B, H, Tq, Tk]
     if bias is not None:
         logits = logits + bias
@@ -145,7 +150,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     probs = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))  # [B, Tq, H, D]
+    out = jnp.einsum(f"bhqk,{kv}->bqhd", probs, v.astype(jnp.float32))  # [B, Tq, H, D]
     return out.astype(v.dtype)
 
 
@@ -185,9 +190,18 @@ class Attention(nnx.Module):
         """[B, Tk, kv_features] -> (k, v) each [B, Tk, H, D]; cacheable."""
         return self._split(self.key(memory)), self._split(self.value(memory))
 
+    def heads_major(self, x: jax.Array) -> jax.Array:
+        """[B, T, H, D] -> [B, H, T, D]: the layout of caches and cached memory K/V."""
+        return constrain(x.transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv"))
+
+    def project_kv_heads_major(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, Tk, kv_features] -> (k, v) each [B, H, Tk, D], for reuse over many queries."""
+        k, v = self.project_kv(memory)
+        return self.heads_major(k), self.heads_major(v)
+
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
-               mask: jax.Array | None = None) -> jax.Array:
-        out = dot_product_attention(q, k, v, mask)  # [B, Tq, H, D]
+               mask: jax.Array | None = None, kv_heads_major: bool = False) -> jax.Array:
+        out = dot_product_attention(q, k, v, mask, kv_heads_major=kv_heads_major)
         b, t = out.shape[:2]
         return self.out(out.reshape(b, t, self.num_heads * self.head_dim))  # [B, Tq, out]
 

@@ -64,7 +64,7 @@ def test_reduced_cross_attention_and_untied_head(smallcap):
     assert attn.query.kernel.get_value().shape == (32, 8)
     assert attn.key.kernel.get_value().shape == attn.value.kernel.get_value().shape == (32, 8)
     assert attn.out.kernel.get_value().shape == (8, 32)
-    assert dec.encode_memory(g["enc"]).keys[0].shape == (1, 17, 4, 2)  # 4 heads of width 2
+    assert dec.encode_memory(g["enc"]).keys[0].shape == (1, 4, 17, 2)  # [B, H, M, D]
 
 
 def test_only_cross_attention_projections_are_trainable(smallcap):

@@ -111,7 +111,7 @@ def test_reduced_cross_attention_shapes():
     assert (attn.num_heads, attn.head_dim) == (4, 2)
     kv = dec.encode_memory(_memory(3))
     assert isinstance(kv, MemoryKV) and len(kv.keys) == len(kv.values) == 2
-    assert kv.keys[0].shape == kv.values[1].shape == (3, 5, 4, 2)
+    assert kv.keys[0].shape == kv.values[1].shape == (3, 4, 5, 2)  # [B, H, M, D]
     logits, cache = _fwd(dec, _ids(3, 6), memory_kv=kv)
     assert logits.shape == (3, 6, 99) and logits.dtype == jnp.float32 and cache is None
 
@@ -128,7 +128,7 @@ def test_kv_cache_incremental_equals_full_forward(cross):
     inc, cache = _incremental(dec, ids, kv, prefill=4)
     np.testing.assert_allclose(np.asarray(inc), np.asarray(full), atol=1e-5)
     assert int(cache.index) == 10 and cache.positions.tolist() == [10, 10]
-    assert cache.keys[0].shape == (2, 16, 4, 8)
+    assert cache.keys[0].shape == (2, 4, 16, 8)  # [B, H, S, D]
 
 
 def test_kv_cache_decodes_inside_lax_scan():
