@@ -97,7 +97,6 @@ def load_run(checkpoint: str | os.PathLike | None = None, datastore: str | None 
     """Load a trained run. ``checkpoint``: a ``train.py`` workdir or a model directory
     (default: the demo's workdir); ``datastore``: a datastore directory (default: the
     workdir's). Every failure is one :class:`InferError` line saying what to do."""
-
     from ravlm_jax.retrieval.datastore import Datastore, dual_encoder_fingerprint  # noqa: PLC0415
     from ravlm_jax.sharding import make_mesh  # noqa: PLC0415
     from ravlm_jax.train import export  # noqa: PLC0415
