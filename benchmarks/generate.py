@@ -168,13 +168,16 @@ def build_ours(s: Setup):
     return nnx.merge(graphdef, state)
 
 
-def run_ours(s: Setup, model, retriever, batch: int):
+def run_ours(s: Setup, model, retriever, batch: int, k: int | None = None,
+             chunk: int | None = None):
+    """A call of our loop on ``batch`` images (``k`` / ``chunk`` default to the flags)."""
     from ravlm_jax.generate import GenerateConfig, make_generator
 
     a = s.a
     cfg = GenerateConfig(strategy="greedy", max_len=a.new_tokens, bos_id=101, eos_id=102,
                          pad_id=0)
-    gen = make_generator(model, retriever, cfg, k=a.k, chunk_len=a.chunk)
+    gen = make_generator(model, retriever, cfg, k=a.k if k is None else k,
+                         chunk_len=a.chunk if chunk is None else chunk)
     features = (s.image_tokens[:batch], s.image_pooled[:batch])
     return lambda: gen(features)
 
@@ -266,24 +269,21 @@ def run_baseline(s: Setup, models, batch: int):
 
 def breakdown(a: argparse.Namespace) -> dict:
     """Our loop with its parts switched on one at a time (no torch needed)."""
-    from ravlm_jax.generate import ExactRetriever, GenerateConfig, make_generator
+    from ravlm_jax.generate import ExactRetriever
 
     s = Setup(a)
     model = build_ours(s)
     exact = ExactRetriever((s.emb, s.tokens, s.groups))
-    cfg = GenerateConfig(strategy="greedy", max_len=a.new_tokens, bos_id=101, eos_id=102,
-                         pad_id=0)
     variants = (("decoding only (k=0, one chunk)", None, 0, a.new_tokens),
                 ("+ neighbours retrieved once", exact, a.k, a.new_tokens),
                 ("+ retrieval every chunk (exact)", exact, a.k, a.chunk),
                 ("+ retrieval every chunk (scann)", s.scann, a.k, a.chunk))
     out = {}
     for b in a.batches:
-        features = (s.image_tokens[:b], s.image_pooled[:b])
         for name, retriever, k, chunk in variants:
-            gen = make_generator(model, retriever, cfg, k=k, chunk_len=chunk)
-            gen(features)  # compile
-            best = min(timed(lambda g=gen, f=features: g(f), a.repeats))
+            fn = run_ours(s, model, retriever, b, k, chunk)
+            fn()  # compile
+            best = min(timed(fn, a.repeats))
             out[f"b{b} {name}"] = round(best, 4)
             print(f"batch {b:3d} {name:34s} {best * 1e3:8.1f} ms", flush=True)
     return out
