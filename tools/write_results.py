@@ -27,8 +27,10 @@ def explain(ev: dict, ks: list[int], k_main: int) -> list[str]:
         out.append(f"* **Retrieval {verdict}.** The same trained model scores CIDEr-D {c0:.3f} "
                    f"with no neighbours (k=0) and {ck:.3f} with k={k_main}: "
                    f"{rel:+.1f}% relative. The neighbours are captions of *other* emoji "
-                   "(the test split shares no group with the datastore), so what the decoder "
-                   "gains is vocabulary and phrasing of similar images, not the answer.")
+                   "(the test split shares no group with the datastore): "
+                   + ("what the decoder gains is vocabulary and phrasing of similar images, "
+                      "not the answer." if rel > 0 else
+                      "at this k they add no more than the image already gives it."))
     rows = [(k, ev.get(f"cider_k{k}")) for k in ks if ev.get(f"cider_k{k}") is not None]
     if len(rows) > 2:
         best = max(rows, key=lambda r: r[1])
