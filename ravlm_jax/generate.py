@@ -36,7 +36,7 @@ import collections
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -480,11 +480,20 @@ class QueryText:
                              out_specs=(P(axes), P(axes)))(text, length)
 
 
-def _query_buckets(query_len: int, mode: str, smallest: int = 8) -> list[int]:
-    """Static text-tower lengths: 8, 16, 32 .. below ``query_len``, then ``query_len``.
+def _query_buckets(query_len: int, mode: str, boundary_text: Sequence[int] = (),
+                   most: int = 16, smallest: int = 8) -> list[int]:
+    """Static text-tower lengths, ending with ``query_len``. ``boundary_text``: the longest
+    text (prompt + generated ids) a row can hold at each chunk boundary; ``[CLS] text
+    [SEP]`` at exactly those lengths when there are at most ``most`` of them (so each
+    retrieval encodes what a host-side tokenizer would, no padding), else powers of two.
     Re-tokenised text (``host``) has no length bound known in the graph: one length."""
+    if mode == "host":
+        return [query_len]
+    exact = sorted({min(query_len, n + 2) for n in boundary_text})
+    if exact and len(exact) <= most:
+        return exact if exact[-1] == query_len else exact + [query_len]
     lengths, n = [], smallest
-    while mode != "host" and n < query_len:
+    while n < query_len:
         lengths.append(n)
         n *= 2
     return lengths + [query_len]
@@ -554,6 +563,11 @@ class _Plan:
     def text_len(self) -> int:
         return self.prompt_len + self.steps
 
+    @property
+    def boundary_text(self) -> list[int]:
+        """The longest text a row holds when chunk ``i`` >= 1 starts (its retrieval)."""
+        return [self.prompt_len + i * self.chunk_len for i in range(1, self.chunks)]
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -609,11 +623,13 @@ class _Loop:
 
     def query_vector(self, text: jax.Array, text_len: jax.Array) -> jax.Array:
         """``E(text so far, image)`` [N, D]. The text tower runs at the shortest of a few
-        static lengths (powers of two, then the full query length) that holds every row's
-        text, chosen with ``lax.switch``: early chunks do not pay for the padding of the
-        last ones. While no row has text (chunk 0 without a prompt) it does not run."""
+        static lengths (each chunk boundary's longest text, see :func:`_query_buckets`)
+        that holds every row's text, chosen with ``lax.switch``: early chunks do not pay
+        for the padding of the last ones, and no chunk encodes more tokens than a
+        tokenizer on the host would give it. While no row has text (chunk 0 without a
+        prompt) it does not run."""
         model, plan = self.model, self.plan
-        lengths = _query_buckets(plan.query_len, self.query_text.mode)
+        lengths = _query_buckets(plan.query_len, self.query_text.mode, plan.boundary_text)
 
         def fused(length: int, _: Any) -> jax.Array:
             ids, mask = self.query_text(text, text_len, length, self.arrays.get("to_base"),

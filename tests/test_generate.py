@@ -18,6 +18,7 @@ from ravlm_jax.generate import (
     GenerateConfig,
     QueryText,
     ScannRetriever,
+    _query_buckets,
     make_generator,
     sample_logits,
 )
@@ -342,6 +343,15 @@ def test_sample_logits_filters():
     np.testing.assert_allclose(np.bincount(draw().ravel(), minlength=4) / 2000,
                                [0.5, 0.3, 0.15, 0.05], atol=0.04)
     assert int(sample_logits(logits, keys[0], temperature=0.0)[0]) == 0
+
+
+def test_query_lengths_are_each_boundarys_text_without_padding():
+    # 24 tokens in chunks of 4: boundaries hold 4, 8, .., 20 ids -> [CLS] ids [SEP]
+    assert _query_buckets(26, "same", [4, 8, 12, 16, 20]) == [6, 10, 14, 18, 22, 26]
+    assert _query_buckets(12, "map", [4, 8, 12, 16]) == [6, 10, 12]  # capped by the tower
+    many = list(range(1, 40))  # chunk_len 1: too many branches -> powers of two
+    assert _query_buckets(41, "same", many) == [8, 16, 32, 41]
+    assert _query_buckets(26, "host", [4, 8]) == [26]
 
 
 def test_k0_decodes_against_the_image_only(model, store, pixels):
