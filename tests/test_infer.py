@@ -219,3 +219,56 @@ def test_without_a_demo_run_it_says_how_to_make_one(tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1
     assert "workdirs/demo" in proc.stderr and "train.py" in proc.stderr
+
+
+def test_datastore_cli_indexes_another_dataset_with_the_runs_encoder(workdir, tmp_path,
+                                                                     capsys):
+    """SmallCap's swap without train.py: index a JSONL dataset's captions with the run's
+    trained encoder, then caption against it."""
+    from ravlm_jax.retrieval import datastore as ds
+    from ravlm_jax.retrieval.datastore import Datastore
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    rs = np.random.RandomState(2)
+    captions = ["a purple umbrella", "a glass of milk", "a red heart", "a paper plane"]
+    with open(data / "captions.jsonl", "w") as f:
+        for i, text in enumerate(captions):
+            (data / "images" / f"{i}.png").write_bytes(png(rs.randint(0, 255, (24, 24, 3),
+                                                                      np.uint8)))
+            f.write(json.dumps({"image": f"images/{i}.png", "captions": [text]}) + "\n")
+    cfg = tmp_path / "other_data.py"
+    cfg.write_text("import ml_collections\n"
+                   "def get_config():\n"
+                   "    c = ml_collections.ConfigDict()\n"
+                   f"    c.data = ml_collections.ConfigDict(dict(kind='jsonl', "
+                   f"path={str(data / 'captions.jsonl')!r}))\n"
+                   "    return c\n")
+    out = tmp_path / "swap" / "datastore"
+    assert ds.main(["build", "--encoder", str(workdir), "--config", str(cfg), "--split", "all",
+                    "--out", str(out), "--index", "exact", "--quiet"]) == 0
+    assert "built" in capsys.readouterr().out
+
+    run = load_run(str(workdir))
+    store = Datastore.load(out, expect_fingerprint=dual_encoder_fingerprint(
+        run.model.encoder, run.config.model))
+    assert sorted(store.payload(np.arange(store.size))["text"]) == sorted(captions)
+    # keys are the run's own text embeddings of those captions
+    bert = get_tokenizer("bert")
+    texts = store.payload(np.arange(store.size))["text"]
+    ids, mask = bert.encode_batch(texts, int(run.config.data.texts.caption.max_len))
+    graphdef, state = nnx.split(run.model.encoder)
+    want = np.asarray(jax.jit(lambda s, i, m: nnx.merge(graphdef, s).encode_text(i, m))(
+        state, ids, mask))
+    np.testing.assert_allclose(np.asarray(store.embeddings, np.float32), want, atol=2e-3)
+    # the new datastore serves a text search with its images
+    report = tmp_path / "search.html"
+    assert run_cli([], prompt="a red heart", checkpoint=str(workdir), datastore=str(out), k=2,
+                   html_path=str(report)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].strip().endswith("a red heart")
+    assert report.read_text().count("data:image/png;base64,") == 2
+    # no model there: one line, status 2
+    assert ds.main(["build", "--encoder", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no trained model" in err

@@ -20,6 +20,9 @@ never leaves a directory that loads. Encoded rows are written in shards
 resumes after the last complete shard. Loading checks the manifest, every file's size, the
 array headers, and the encoder's fingerprint and dimension, each failure as one line.
 
+``python -m ravlm_jax.retrieval.datastore build --encoder WORKDIR --out DIR [--split S]
+[--config C]`` indexes any split with a finished run's encoder; ``info DIR`` checks one.
+
 The leakage filter (:func:`search_filtered`) follows SmallCap and RETRO: search more than k,
 drop neighbours from the query's own source or group, drop duplicate payloads, keep k.
 """
@@ -840,33 +843,40 @@ class BuildSources:
     tokenizer_name: str | None = None
     total_batches: int | None = None
     pad_id: int = 0
+    build_config: Any = None     # recorded in the manifest when no --config was given
 
 
-def default_build_sources(config: Any, encoder: str) -> BuildSources:
-    """Dataset batches and the trained dual encoder named by the config. The retrieval
-    package cannot import the trainer (imports point down), so the trainer injects this
-    through ``main(build_sources=...)``; until then, say where the working command is."""
-    raise DatastoreError("this entry point has no dataset/encoder hook yet: build datastores "
-                         "with train.py's 'datastore' stage (README: Training, datastores, "
-                         "inference)")
+def default_build_sources(config: Any, encoder: str, *, split: str = "train",
+                          out: str = ".", progress: bool = True) -> BuildSources:
+    """The split's captions keyed by the trained encoder of a ``train.py`` workdir
+    (:func:`ravlm_jax.train.encode.build_sources_from_run`). Imported on call: the trainer
+    sits above this package and is only needed by this command."""
+    from ravlm_jax.train.encode import build_sources_from_run  # noqa: PLC0415
+
+    return build_sources_from_run(config, encoder, split=split, out=out, progress=progress)
 
 
-def _cmd_build(a: argparse.Namespace, sources_fn: Callable[[Any, str], BuildSources]) -> int:
+def _cmd_build(a: argparse.Namespace, sources_fn: Callable[..., BuildSources]) -> int:
     from ravlm_jax.config import apply_overrides, load_config
 
-    try:
-        config = apply_overrides(load_config(a.config), a.override)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        raise DatastoreError(f"config {a.config}: {e}") from None
+    config = None
+    if a.config is not None:
+        try:
+            config = apply_overrides(load_config(a.config), a.override)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise DatastoreError(f"config {a.config}: {e}") from None
+    elif a.override:
+        raise DatastoreError("KEY=VALUE overrides need --config")
     out = a.out
-    if out is None:
-        out = config.get("retrieval", {}).get("datastore") if hasattr(config, "get") else None
+    if out is None and config is not None and hasattr(config, "get"):
+        out = config.get("retrieval", {}).get("datastore")
     if not out:
         raise DatastoreError("no output directory: pass --out or set retrieval.datastore")
-    src = sources_fn(config, a.encoder)
+    src = sources_fn(config, a.encoder, split=a.split, out=out, progress=not a.quiet)
     path = build_datastore(out, src.encode_fn, src.batches, fingerprint=src.fingerprint,
-                           config_dict=config, tokenizer_name=src.tokenizer_name,
-                           dtype=a.dtype, index_kind=a.index, total_batches=src.total_batches,
+                           config_dict=config if config is not None else src.build_config,
+                           tokenizer_name=src.tokenizer_name, dtype=a.dtype,
+                           index_kind=a.index, total_batches=src.total_batches,
                            pad_id=src.pad_id, progress=not a.quiet, overwrite=a.overwrite,
                            shard_rows=a.shard_rows)
     m = read_manifest(path)
@@ -895,8 +905,11 @@ def main(argv: Sequence[str] | None = None, *,
                                 description="Build or inspect a retrieval datastore.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="encode a dataset with a trained dual encoder")
-    b.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
-    b.add_argument("--encoder", required=True, help="trained dual-encoder checkpoint")
+    b.add_argument("--encoder", required=True,
+                   help="a train.py workdir (or its model/ directory): the trained encoder")
+    b.add_argument("--config", default=None, help="configs/NAME.py[:ARG] whose data section "
+                   "names the dataset to index (default: the run's own)")
+    b.add_argument("--split", default="train", help="the split to index (default: train)")
     b.add_argument("--out", default=None, help="datastore directory "
                    "(default: the config's retrieval.datastore)")
     b.add_argument("--dtype", default="float16", choices=DTYPES)

@@ -333,7 +333,7 @@ def test_sharded_encode_fn_pads_the_batch_to_the_mesh(mesh8):
 
 
 def fake_sources(rows):
-    return lambda config, encoder: BuildSources(FakeEncoder(), list(batches_of(rows)),
+    return lambda config, encoder, **_: BuildSources(FakeEncoder(), list(batches_of(rows)),
                                                 fingerprint=f"fake-{encoder}",
                                                 tokenizer_name="gpt2")
 
