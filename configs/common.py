@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=30522, n_positions=64, width=256, layers=3, heads=4, dropout=0.1,
         gate="none", tie_word_embeddings=True))
     c.model.captioner = ml_collections.ConfigDict(dict(
-        k_max=8, neighbour_len=16, neighbour_layers=1, neighbour_heads=4, chunk_len=4))
+        k_max=8, neighbour_len=16, neighbour_layers=1, neighbour_heads=4, chunk_len=4,
+        copy_head=False))
 
     c.retrieval = ml_collections.ConfigDict(dict(
         index="scann",          # scann | exact

@@ -50,7 +50,7 @@ def random_params(factory, seed=0, std=0.3):
     return nnx.merge(graphdef, state)
 
 
-def tiny_captioner(seed=0, vocab=VOCAB, text_vocab=VOCAB, chunk_len=CL):
+def tiny_captioner(seed=0, vocab=VOCAB, text_vocab=VOCAB, chunk_len=CL, copy_head=False):
     def build():
         rngs = nnx.Rngs(seed)
         vit = ViT(ViTConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2,
@@ -62,7 +62,8 @@ def tiny_captioner(seed=0, vocab=VOCAB, text_vocab=VOCAB, chunk_len=CL):
         dec = Decoder(DecoderConfig(vocab_size=vocab, n_positions=32, width=24, layers=2,
                                     heads=2, cross_attention=True), rngs=rngs)
         return Captioner(enc, dec, CaptionerConfig(image_width=16, k_max=4, neighbour_len=5,
-                                                   chunk_len=chunk_len), rngs=rngs)
+                                                   chunk_len=chunk_len, copy_head=copy_head),
+                         rngs=rngs)
 
     return random_params(build, seed)
 
@@ -265,6 +266,22 @@ def test_greedy_loop_equals_step_by_step_python_reference(model, store, exact, p
     assert len({tuple(row_tokens(out, b)) for b in range(3)}) > 1
     # the scores are the sequences' log-probabilities
     assert np.all(out.scores < 0) and np.all(np.isfinite(out.scores))
+
+
+def test_copy_head_loop_equals_python_reference(store, exact, pixels):
+    """The pointer-generator output (copying retrieved tokens) is what the loop decodes
+    with, greedy and beam, re-retrieving every chunk."""
+    model = tiny_captioner(copy_head=True)
+    ref = Reference(model, store, K, CL, T)
+    out = make_generator(model, exact, dict(strategy="greedy", max_len=T, **IDS), k=K)(
+        pixels, exclude_group_ids=EXCLUDE)
+    for b, (tokens, _) in enumerate(ref.greedy(pixels, EXCLUDE)):
+        assert row_tokens(out, b) == tokens
+    out = make_generator(model, exact, dict(strategy="beam", num_beams=2, max_len=T, **IDS),
+                         k=K)(pixels, exclude_group_ids=EXCLUDE)
+    for b, (tokens, score) in enumerate(ref.beam(pixels, EXCLUDE, 2, 1.0)):
+        assert row_tokens(out, b) == list(tokens)
+        assert out.scores[b] == pytest.approx(score, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -10,6 +10,13 @@ The decoder's cross-attention memory is ``[image tokens ; retrieved neighbours]`
   cross-attention K/V of neighbour tokens come from a per-vocabulary table, see
   :meth:`Captioner.neighbour_kv`).
 
+With ``copy_head`` (a pointer-generator head, See et al. 2017), the output distribution mixes
+the LM head's with a copy distribution over the retrieved tokens:
+``p = g * softmax(logits) + (1 - g) * sum_m a[m] * onehot(id[m])``, ``a`` one attention
+over the neighbour slots (the last block's cross-attention keys, a query of its own) and
+``g`` a learned gate (1 where no neighbour is visible). A small decoder trained from scratch
+has no prompt-copying skill like SmallCap's pretrained GPT-2; this gives it one directly.
+
 Generation retrieves again after every chunk of ``chunk_len`` tokens and replaces the
 neighbour part of the memory. Training shows the decoder the same thing in one pass: the
 memory holds the neighbours of every chunk, and a per-position mask lets the token at
@@ -43,6 +50,7 @@ class CaptionerConfig:
     chunk_len: int = 4               # tokens generated between two retrievals
     use_image_tokens: bool = True
     neighbour_next: bool = False     # each retrieved token also carries the token after it
+    copy_head: bool = False          # pointer-generator output over the retrieved tokens
 
 
 class Captioner(nnx.Module):
@@ -75,6 +83,11 @@ class Captioner(nnx.Module):
             PreLNEncoderLayer(wm, config.neighbour_heads, 4 * wm, "gelu", 1e-5, rngs=rngs)
             for _ in range(config.neighbour_layers)])
         self.neighbour_norm = LayerNorm(wm, rngs=rngs) if config.neighbour_layers else None
+        # copy head: a query against the last block's cross-attention keys, and the gate
+        self.copy_query = (Linear(wd, decoder.cfg.cross_width, axes=("embed", None), rngs=rngs)
+                           if config.copy_head else None)
+        self.copy_gate = (Linear(wd, 1, axes=("embed", None), rngs=rngs)
+                          if config.copy_head else None)
 
     # ------------------------------------------------------------------ memory pieces
     def image_memory(self, image_tokens: jax.Array) -> jax.Array:
@@ -127,8 +140,11 @@ class Captioner(nnx.Module):
         self._check_neighbours(ids)
         b, k, ln = ids.shape
         flat_mask = mask.reshape(b, k * ln).astype(bool)
+        slot_ids = (jnp.where(flat_mask, ids.reshape(b, k * ln), -1) if self.config.copy_head
+                    else None)  # [B, k*Ln]
         if not (self._linear_neighbours() and self.decoder.cfg.vocab_size < b * k * ln):
-            return self.decoder.encode_memory(self.neighbour_memory(ids, mask)), flat_mask
+            kv = self.decoder.encode_memory(self.neighbour_memory(ids, mask))
+            return MemoryKV(keys=kv.keys, values=kv.values, ids=slot_ids), flat_mask
         emb = self.neighbour_token_norm(self.decoder.wte.embedding[...])  # [V, W]
         pos = self.neighbour_pos.embedding[...][:ln]  # [Ln, W]
         slot = self.neighbour_slot.embedding[...][:k]  # [k, W]
@@ -154,7 +170,7 @@ class Captioner(nnx.Module):
             attn = block.cross_attn
             keys.append(attn.heads_major(attn._split(project(attn.key))))  # [B, H, k*Ln, D]
             values.append(attn.heads_major(attn._split(project(attn.value))))
-        return MemoryKV(keys=tuple(keys), values=tuple(values)), flat_mask
+        return MemoryKV(keys=tuple(keys), values=tuple(values), ids=slot_ids), flat_mask
 
     def image_kv(self, image_tokens: jax.Array) -> tuple[MemoryKV, jax.Array]:
         """[B, Ti, Wi] -> (MemoryKV over Ti slots, mask [B, Ti])."""
@@ -186,6 +202,31 @@ class Captioner(nnx.Module):
         if not parts:
             raise ValueError("empty memory: no image tokens and no neighbours")
         return jnp.concatenate(parts, 1), jnp.concatenate(masks, 1)
+
+    # ------------------------------------------------------------------ copy head
+    def output(self, logits: jax.Array, hidden: jax.Array, memory_kv: MemoryKV,
+               memory_mask: jax.Array) -> jax.Array:
+        """The next-token scores the model predicts with: ``logits`` [B, T, V] as they are,
+        or with ``copy_head``, ``log p`` of the pointer-generator mixture (see the module doc).
+        hidden [B, T, W] (the decoder's final states); memory_mask [B, M] or [B, T, M]."""
+        if self.copy_query is None or memory_kv.ids is None:
+            return logits
+        b, t, v = logits.shape
+        keys = memory_kv.keys[-1]  # [B, H, M, D]
+        h, d = keys.shape[1], keys.shape[3]
+        q = self.copy_query(hidden).reshape(b, t, h, d)  # [B, T, H, D]
+        scores = jnp.einsum("bthd,bhmd->bhtm", q, keys.astype(q.dtype)) / d ** 0.5
+        mask = memory_mask if memory_mask.ndim == 3 else memory_mask[:, None, :]  # [B,T|1,M]
+        visible = mask.astype(bool) & (memory_kv.ids >= 0)[:, None, :]  # [B, T|1, M]
+        visible = jnp.broadcast_to(visible, (b, t, visible.shape[-1]))  # [B, T, M]
+        scores = jnp.where(visible[:, None], scores.astype(jnp.float32), -1e30)
+        attn = jax.nn.softmax(scores, axis=-1).mean(axis=1)  # [B, T, M]
+        p_copy = jax.vmap(_scatter_to_vocab, (0, 0, None))(attn, memory_kv.ids, v)  # [B,T,V]
+        any_visible = jnp.any(visible, axis=-1)  # [B, T]
+        gate = jax.nn.sigmoid(self.copy_gate(hidden)[..., 0].astype(jnp.float32))  # [B, T]
+        gate = jnp.where(any_visible, gate, 1.0)[..., None]
+        p = gate * jax.nn.softmax(logits, axis=-1) + (1.0 - gate) * p_copy
+        return jnp.log(jnp.maximum(p, 1e-30))
 
     # ------------------------------------------------------------------ teacher forcing
     def __call__(self, ids: jax.Array, image_tokens: jax.Array | None,
@@ -221,7 +262,9 @@ class Captioner(nnx.Module):
                 x = x.reshape(b, c, h, k * ln, d).transpose(0, 2, 1, 3, 4)  # [B, H, C, kLn, D]
                 return x.reshape(b, h, c * k * ln, d)
 
-            kv = jax.tree.map(per_row, kv)
+            kv = MemoryKV(keys=tuple(map(per_row, kv.keys)),
+                          values=tuple(map(per_row, kv.values)),
+                          ids=None if kv.ids is None else kv.ids.reshape(b, c * k * ln))
             nb_valid = nb_valid.reshape(b, c, k * ln)  # [B, C, k*Ln]
             own_chunk = (jnp.arange(t) // cl)[:, None] == jnp.arange(c)[None, :]  # [T, C]
             # [B, T, C, k*Ln]: position t sees only chunk(t)'s valid neighbour tokens
@@ -232,9 +275,17 @@ class Captioner(nnx.Module):
             raise ValueError("empty memory: no image tokens and no neighbours")
         memory_kv, _ = concat_memory(parts)
         memory_mask = jnp.concatenate(masks, -1)  # [B, T, M]
-        logits, _ = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
-                                 deterministic=deterministic, rngs=rngs)
-        return logits
+        logits, _, hidden = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
+                                         deterministic=deterministic, rngs=rngs,
+                                         return_hidden=True)
+        return self.output(logits, hidden, memory_kv, memory_mask)
+
+
+def _scatter_to_vocab(attn: jax.Array, ids: jax.Array, vocab: int) -> jax.Array:
+    """attn [T, M], slot ids [M] (-1: none) -> [T, V]: each slot's weight added to its token.
+    (A scatter-add: the one-hot matmul it replaces was 100x slower at training sizes.)"""
+    weights = jnp.where(ids >= 0, attn, 0.0)  # [T, M]
+    return jnp.zeros((attn.shape[0], vocab), attn.dtype).at[:, jnp.maximum(ids, 0)].add(weights)
 
 
 def _next_tokens(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -245,7 +296,8 @@ def _next_tokens(ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def concat_memory(parts: list[tuple[MemoryKV, jax.Array]]) -> tuple[MemoryKV, jax.Array]:
-    """Concatenate (MemoryKV [B, H, M, D], mask [B, M]) pieces along the memory axis."""
+    """Concatenate (MemoryKV [B, H, M, D], mask [B, M]) pieces along the memory axis
+    (slot ids too, -1 for the pieces that have none, when any piece has them)."""
     if len(parts) == 1:
         return parts[0]
     kvs, masks = zip(*parts, strict=True)
@@ -253,4 +305,8 @@ def concat_memory(parts: list[tuple[MemoryKV, jax.Array]]) -> tuple[MemoryKV, ja
                                                              strict=True))
     values = tuple(jnp.concatenate(layer, 2) for layer in zip(*(kv.values for kv in kvs),
                                                                strict=True))
-    return MemoryKV(keys=keys, values=values), jnp.concatenate(masks, 1)
+    ids = None
+    if any(kv.ids is not None for kv in kvs):
+        ids = jnp.concatenate([kv.ids if kv.ids is not None else
+                               jnp.full(m.shape, -1, jnp.int32) for kv, m in parts], 1)
+    return MemoryKV(keys=keys, values=values, ids=ids), jnp.concatenate(masks, 1)

@@ -120,10 +120,13 @@ class DecoderConfig:
 @dataclasses.dataclass(frozen=True)
 class MemoryKV:
     """Per-layer cross-attention keys and values, each ``[B, H, M, cross_head_dim]``
-    (heads-major: see ``layers.dot_product_attention``)."""
+    (heads-major: see ``layers.dot_product_attention``). ``ids [B, M]``: the decoder token
+    a memory slot holds (-1: none, e.g. an image token), for a captioner that copies from
+    its memory; the decoder itself never reads it."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
+    ids: jax.Array | None = None
 
     def select(self, rows: jax.Array) -> MemoryKV:
         """Gather batch rows (beam reordering, expanding one memory to several beams)."""
@@ -274,9 +277,10 @@ class Decoder(nnx.Module):
     def __call__(self, ids: jax.Array, memory: jax.Array | None = None,
                  memory_kv: MemoryKV | None = None, memory_mask: jax.Array | None = None,
                  cache: KVCache | None = None, attention_mask: jax.Array | None = None,
-                 deterministic: bool = True, rngs: nnx.Rngs | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """``ids [B, T]`` -> ``(logits [B, T, vocab] float32, new cache or None)``.
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 return_hidden: bool = False) -> tuple[jax.Array, ...]:
+        """``ids [B, T]`` -> ``(logits [B, T, vocab] float32, new cache or None)``, plus the
+        final hidden states ``[B, T, width]`` (after ``ln_f``) with ``return_hidden``.
 
         memory / memory_kv: the memory to cross-attend to (raw, or from
         :meth:`encode_memory`); neither means a plain LM pass, as in GPT-2.
@@ -331,14 +335,15 @@ class Decoder(nnx.Module):
             if layer_cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])
-        logits = self._logits(self.ln_f(x))
+        hidden = self.ln_f(x)  # [B, T, W]
+        logits = self._logits(hidden)
 
         if cache is None:
-            return logits, None
+            return (logits, None, hidden) if return_hidden else (logits, None)
         new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=valid,
                             index=index + t, positions=cache.positions + count[:, -1])
         logits = jnp.where(index + t > cache.max_len, jnp.nan, logits)
-        return logits, new_cache
+        return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
 
     def _logits(self, x: jax.Array) -> jax.Array:
         logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)

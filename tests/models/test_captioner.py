@@ -15,7 +15,8 @@ from ravlm_jax.models.vit import ViT, ViTConfig
 VOCAB = 50
 
 
-def tiny_captioner(seed=0, chunk_len=3, k_max=4, neighbour_layers=1, neighbour_next=True):
+def tiny_captioner(seed=0, chunk_len=3, k_max=4, neighbour_layers=1, neighbour_next=True,
+                   copy_head=False):
     rngs = nnx.Rngs(seed)
     vit = ViT(ViTConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp_dim=32),
               rngs=rngs)
@@ -28,7 +29,8 @@ def tiny_captioner(seed=0, chunk_len=3, k_max=4, neighbour_layers=1, neighbour_n
     return Captioner(enc, dec, CaptionerConfig(image_width=16, k_max=k_max, neighbour_len=5,
                                                chunk_len=chunk_len,
                                                neighbour_layers=neighbour_layers,
-                                               neighbour_next=neighbour_next), rngs=rngs)
+                                               neighbour_next=neighbour_next,
+                                               copy_head=copy_head), rngs=rngs)
 
 
 def _inputs(b=2, t=7, c=3, k=2, ln=5):
@@ -41,9 +43,9 @@ def _inputs(b=2, t=7, c=3, k=2, ln=5):
     return ids, pixels, nb, nb_mask
 
 
-@pytest.mark.parametrize("layers", [0, 1])
-def test_teacher_forcing_equals_per_chunk_decoding(layers):
-    model = tiny_captioner(neighbour_layers=layers)
+@pytest.mark.parametrize("layers,copy_head", [(0, False), (1, False), (0, True), (1, True)])
+def test_teacher_forcing_equals_per_chunk_decoding(layers, copy_head):
+    model = tiny_captioner(neighbour_layers=layers, copy_head=copy_head)
     ids, pixels, nb, nb_mask = _inputs()
     image_tokens = model.encoder.image_tokens(pixels)
     logits = model(ids, image_tokens, nb, nb_mask)
@@ -58,7 +60,9 @@ def test_teacher_forcing_equals_per_chunk_decoding(layers):
         chunk = ids[:, c * cl:(c + 1) * cl]
         if chunk.shape[1] == 0:
             break
-        step_logits, cache = model.decoder(chunk, memory_kv=kv, memory_mask=mask, cache=cache)
+        step_logits, cache, hidden = model.decoder(chunk, memory_kv=kv, memory_mask=mask,
+                                                   cache=cache, return_hidden=True)
+        step_logits = model.output(step_logits, hidden, kv, mask)
         np.testing.assert_allclose(np.asarray(step_logits),
                                    np.asarray(logits[:, c * cl:(c + 1) * cl]), atol=1e-5)
 
@@ -105,3 +109,27 @@ def test_vocabulary_lookup_kv_equals_projecting_tokens(nxt):
     for a, b in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(fast_mask), np.asarray(mask.reshape(4, 20)) > 0)
+
+
+def test_copy_head_is_a_distribution_that_can_only_add_retrieved_tokens():
+    model = tiny_captioner(neighbour_layers=0, copy_head=True)
+    ids, pixels, nb, nb_mask = _inputs()
+    tokens = model.encoder.image_tokens(pixels)
+    logp = np.asarray(model(ids, tokens, nb, nb_mask))  # [B, T, V] log-probabilities
+    np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, atol=1e-5)
+    # with the gate shut (g = 0) all mass sits on the visible neighbour tokens of the chunk
+    model.copy_gate.bias.set_value(jnp.full((1,), -1e4))
+    p = np.exp(np.asarray(model(ids, tokens, nb, nb_mask)))
+    cl = model.config.chunk_len
+    nb_np, mask_np = np.asarray(nb), np.asarray(nb_mask).astype(bool)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            seen = set(nb_np[b, t // cl][mask_np[b, t // cl]].tolist())
+            if seen:
+                assert p[b, t, sorted(seen)].sum() == pytest.approx(1.0, abs=1e-5)
+            else:  # nothing to copy: the LM head's distribution, whatever the gate
+                np.testing.assert_allclose(p[b, t].sum(), 1.0, atol=1e-5)
+    # k = 0: exactly the plain LM head
+    empty = model(ids, tokens, nb[:, :, :0], nb_mask[:, :, :0])
+    logits, _ = model.decoder(ids, memory_kv=model.image_kv(tokens)[0])
+    np.testing.assert_allclose(np.asarray(empty), np.asarray(logits), atol=1e-5)
