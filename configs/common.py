@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip=1.0, loss="clip", prefix_loss_weight=0.5))
     c.train.caption = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=64, learning_rate=1e-3, warmup_steps=50, weight_decay=0.01,
-        grad_clip=1.0, label_smoothing=0.0))
+        grad_clip=1.0, label_smoothing=0.0,
+        lm_loss_weight=0.0))    # with captioner.copy_head: CE on the LM head alone too
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 2
     c.train.log_every = 10

@@ -232,14 +232,16 @@ class Captioner(nnx.Module):
     def __call__(self, ids: jax.Array, image_tokens: jax.Array | None,
                  neighbour_ids: jax.Array, neighbour_mask: jax.Array, *,
                  image_keep: jax.Array | None = None, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+                 rngs: nnx.Rngs | None = None, with_lm_logits: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Teacher-forced logits.
 
         ids [B, T] decoder input (BOS first); image_tokens [B, Ti, Wi] or None;
         neighbour_ids / neighbour_mask [B, C, k, Ln]: the neighbours retrieved for each of
         C chunks (chunk c covers input positions [c*chunk_len, (c+1)*chunk_len)).
         image_keep [B] bool: rows whose image tokens are hidden from the decoder (training's
-        image dropout, which makes it learn to read the neighbours). Returns [B, T, V].
+        image dropout, which makes it learn to read the neighbours). Returns [B, T, V]
+        (with ``with_lm_logits``, also the LM head's own logits, before any copying).
         """
         b, t = ids.shape
         _, c, k, ln = neighbour_ids.shape
@@ -278,7 +280,8 @@ class Captioner(nnx.Module):
         logits, _, hidden = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
                                          deterministic=deterministic, rngs=rngs,
                                          return_hidden=True)
-        return self.output(logits, hidden, memory_kv, memory_mask)
+        out = self.output(logits, hidden, memory_kv, memory_mask)
+        return (out, logits) if with_lm_logits else out
 
 
 def _scatter_to_vocab(attn: jax.Array, ids: jax.Array, vocab: int) -> jax.Array:

@@ -595,7 +595,8 @@ def stage_caption(run: Run) -> None:
     k_max = int(run.config.model.captioner.k_max)
     loss = caption_loss_fn(k_max, float(rcfg.k_dropout), float(rcfg.neighbour_dropout),
                            float(cfg.get("label_smoothing", 0.0)),
-                           float(rcfg.get("image_dropout", 0.0)))
+                           float(rcfg.get("image_dropout", 0.0)),
+                           float(cfg.get("lm_loss_weight", 0.0)))
     # the encoder is fixed now: the datastore's keys were made with it
     frozen = tuple(run.config.model.freeze) + (r"encoder\.",)
     run_stage(run, "caption", loss, tables, frozen, cfg)

@@ -112,10 +112,14 @@ def gather_neighbour_tokens(rows: jax.Array, token_ids: jax.Array, token_mask: j
 
 
 def caption_loss_fn(k_max: int, k_dropout: float, neighbour_dropout: float,
-                    label_smoothing: float = 0.0, image_dropout: float = 0.0) -> LossFn:
+                    label_smoothing: float = 0.0, image_dropout: float = 0.0,
+                    lm_loss_weight: float = 0.0) -> LossFn:
     """Teacher-forced cross-entropy. ``image_dropout``: probability that an example's
     decoder sees only its neighbours (never when it has none), so that it learns to read
-    them instead of memorising image -> caption."""
+    them instead of memorising image -> caption. ``lm_loss_weight``: with a copy head, the
+    weight of a second cross-entropy on the LM head alone, so that the decoder stays a
+    captioner without neighbours (the mixture's loss barely trains the words the copy
+    head already supplies)."""
 
     def loss_fn(model, batch, tables, rng):
         rows = batch["source_id"]  # [B]
@@ -134,13 +138,15 @@ def caption_loss_fn(k_max: int, k_dropout: float, neighbour_dropout: float,
                                                   tables["payload_mask"])  # [B, C, k, Ln]
         has_nb = jnp.any(shown >= 0, axis=(1, 2))  # [B]
         image_keep = ~(has_nb & (jax.random.uniform(i_rng, has_nb.shape) < image_dropout))
-        logits = model(inputs, image_tokens.astype(jnp.float32), nb_ids, nb_mask,
-                       image_keep=image_keep, deterministic=False,
-                       rngs=nnx.Rngs(dropout=d_rng))  # [B, T, V]
+        logits, lm_logits = model(inputs, image_tokens.astype(jnp.float32), nb_ids, nb_mask,
+                                  image_keep=image_keep, deterministic=False,
+                                  rngs=nnx.Rngs(dropout=d_rng), with_lm_logits=True)  # [B,T,V]
         labels = jax.nn.one_hot(targets, logits.shape[-1])
         if label_smoothing:
             labels = optax.smooth_labels(labels, label_smoothing)
         nll = optax.softmax_cross_entropy(logits, labels)  # [B, T]
+        if lm_loss_weight:
+            nll = nll + lm_loss_weight * optax.softmax_cross_entropy(lm_logits, labels)
         w = weights.astype(jnp.float32)
         loss = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
         acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / jnp.maximum(jnp.sum(w), 1.0)

@@ -1,11 +1,11 @@
-"""Neighbour sampling of the captioning step."""
+"""The captioning step's loss and neighbour sampling."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ravlm_jax.train.steps import sample_neighbours
+from ravlm_jax.train.steps import caption_loss_fn, sample_neighbours
 
 
 @pytest.mark.parametrize("top_k", [3, 8, 12])
@@ -23,3 +23,49 @@ def test_sample_neighbours_shows_rank_ordered_candidates(top_k):
         assert np.all(np.isin(real, cand)) and np.all(np.diff(real) > 0)  # rank order
         assert np.all(row[len(real):] < 0)  # empty slots only after the shown ones
     assert (shown[:, 0] >= 0).sum(axis=1).max() == min(top_k, k_max)
+
+
+def test_lm_loss_weight_adds_the_lm_heads_own_cross_entropy():
+    """With a copy head, ``lm_loss_weight`` adds CE(LM head) to CE(mixture); the
+    mixture's term alone is the loss at weight 0."""
+    import optax
+
+    from tests.models.test_captioner import VOCAB, tiny_captioner
+
+    model = tiny_captioner(neighbour_layers=0, copy_head=True, k_max=4)
+    rs = np.random.RandomState(0)
+    n, t, c, k, ln, rows = 3, 7, 3, 4, 5, 10
+    tables = {
+        "count": np.ones((n,), np.int32),
+        "dec_ids": rs.randint(1, VOCAB, (n, 1, t + 1)).astype(np.int32),
+        "dec_mask": np.ones((n, 1, t + 1), np.int32),
+        "image_tokens": rs.randn(n, 4, 16).astype(np.float32),
+        "neighbours": np.tile(np.arange(k, dtype=np.int32), (n, 1, c, 1)) + np.arange(
+            n, dtype=np.int32)[:, None, None, None],
+        "payload_ids": rs.randint(1, VOCAB, (rows, ln)).astype(np.int32),
+        "payload_mask": np.ones((rows, ln), np.int32),
+    }
+    batch = {"source_id": np.arange(n)}
+    rng = jax.random.key(3)
+    kw = dict(k_max=4, k_dropout=0.0, neighbour_dropout=0.0)
+    both, _ = caption_loss_fn(**kw, lm_loss_weight=1.0)(model, batch, tables, rng)
+    mix, _ = caption_loss_fn(**kw)(model, batch, tables, rng)
+    # the LM head's CE by hand: the same neighbours and dropout draws (same rng), lm logits
+    captured = {}
+    call = type(model).__call__
+
+    def spy(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        captured["lm"] = out[1]
+        return out
+
+    type(model).__call__ = spy
+    try:
+        caption_loss_fn(**kw, lm_loss_weight=1.0)(model, batch, tables, rng)
+    finally:
+        type(model).__call__ = call
+    targets = tables["dec_ids"][:, 0, 1:]
+    lm = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(captured["lm"],
+                                                                        targets)))
+    assert float(both) == pytest.approx(float(mix) + lm, rel=1e-5)
+    assert float(both) > float(mix)
