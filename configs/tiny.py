@@ -6,7 +6,8 @@ Runs contrastive alignment, the datastore build and captioning for a few steps e
 checkpoint every few steps, in well under 2 minutes on 2 CPU cores. The numbers it reaches
 mean nothing (the towers are random and tiny); tests and checks use it to exercise the
 whole system. ``configs/tiny.py:pretrained`` swaps in the demo's real towers (frozen and
-cached) and its recipe (decoder vocabulary subset, cross-fitted neighbours, image dropout).
+cached) and its recipe (decoder vocabulary subset, copy head, LM-head loss), plus
+cross-fitted neighbours and image dropout so that every training path runs.
 """
 
 import ml_collections
@@ -36,6 +37,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "pretrained":  # the demo's towers and training recipe, in miniature
         common.use_demo_towers(config)
         config.model.decoder_vocab = "train"
+        config.model.captioner.copy_head = True
+        config.train.caption.lm_loss_weight = 0.3
         config.retrieval.update(crossfit_folds=2, image_dropout=0.5)
 
     config.retrieval.update(k=2, top_k=4)
