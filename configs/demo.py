@@ -11,9 +11,8 @@ it and writes docs/RESULTS.md from its eval.json.
 
 Expected (fresh clone, 2 CPU cores): train + evaluate in about 8 minutes; on the test split
 CIDEr-D 0.310 at k=0, 0.351 at k=4 (+13%), 0.346 at k=8 (beam 3), image->text R@1 0.267,
-R@10 0.595. docs/PERFORMANCE.md
-(Demo) has every variant tried, the seed-to-seed spread, and the trade-off set by
-``train.caption.lm_loss_weight``.
+R@10 0.595. docs/PERFORMANCE.md (Demo) has every variant tried, the seed-to-seed spread,
+and the trade-off set by ``train.caption.lm_loss_weight``.
 """
 
 import ml_collections
