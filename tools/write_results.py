@@ -52,11 +52,14 @@ def explain(ev: dict, ks: list[int], k_main: int) -> list[str]:
         met = "met" if ck >= 1.1 * c0 else "**not met**"
         out.append(f"* **Target** (issue 7): k={k_main} >= 1.1 x k=0 CIDEr-D, i.e. >= "
                    f"{1.1 * c0:.3f}: {met}. docs/PERFORMANCE.md (Demo) records what was "
-                   "tried to make the decoder use its neighbours.")
+                   "tried to make the decoder use its neighbours, and what the gain depends "
+                   "on (with a copy head, `train.caption.lm_loss_weight` sets how well the "
+                   "model does without neighbours, not with them).")
     sw = ev.get(f"cider_swap_k{k_main}")
     if sw is not None and ck is not None:
-        moved = ("raises" if sw > ck + 0.0005 else
-                 "lowers" if sw < ck - 0.0005 else "leaves")
+        # +-0.01 is within the run-to-run spread (docs/PERFORMANCE.md, Demo)
+        moved = ("raises" if sw > ck + 0.01 else
+                 "lowers" if sw < ck - 0.01 else "barely moves")
         out.append(f"* **Datastore swap.** Adding the test split's own captions to the "
                    f"datastore (each image's own group excluded, so it never sees its own "
                    f"caption or a skin-tone twin's) {moved} CIDEr-D ({ck:.3f} -> {sw:.3f}) "
