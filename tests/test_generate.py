@@ -411,6 +411,17 @@ def test_runs_sharded_on_8_devices(model, store, exact, pixels, mesh8):
 
 
 @pytest.mark.slow
+def test_copy_head_beam_search_runs_sharded(store, exact, pixels, mesh8):
+    model = tiny_captioner(copy_head=True)
+    beam = dict(strategy="beam", num_beams=2, max_len=T, **IDS)
+    want = make_generator(model, exact, beam, k=K)(pixels, exclude_group_ids=EXCLUDE)
+    got = make_generator(model, ExactRetriever(store, mesh8), beam, k=K, mesh=mesh8)(
+        pixels, exclude_group_ids=EXCLUDE)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_beam_search_with_the_scann_callback_runs_sharded(model, store, exact, pixels,
                                                           mesh8):
     scann = ScannRetriever(ScannIndex.build(store[0], mode="brute_force"), store[1], store[2])
