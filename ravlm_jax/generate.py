@@ -646,10 +646,8 @@ class _Loop:
     # ----------------------------------------------------------------- one token
     def step(self, c: _Carry) -> _Carry:
         """Feed the pending token against the current chunk's memory, choose the next."""
-        logits, cache, hidden = self.model.decoder(
-            c.pending[:, None], memory_kv=c.memory, memory_mask=c.memory_mask, cache=c.cache,
-            return_hidden=True)
-        logits = self.model.output(logits, hidden, c.memory, c.memory_mask)  # copy head
+        logits, _, cache = self.model.decode(c.pending[:, None], c.memory, c.memory_mask,
+                                             c.cache)
         c = dataclasses.replace(c, cache=cache)
         if self.cfg.strategy == "beam":
             c, tok = self.choose_beam(c, logits[:, -1])

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ravlm_jax.models.decoder import Decoder, MemoryKV
+from ravlm_jax.models.decoder import Decoder, KVCache, MemoryKV
 from ravlm_jax.models.dual_encoder import DualEncoder
 from ravlm_jax.models.layers import Embed, LayerNorm, Linear, normal, param
 from ravlm_jax.models.vit import PreLNEncoderLayer
@@ -203,7 +203,18 @@ class Captioner(nnx.Module):
             raise ValueError("empty memory: no image tokens and no neighbours")
         return jnp.concatenate(parts, 1), jnp.concatenate(masks, 1)
 
-    # ------------------------------------------------------------------ copy head
+    # ------------------------------------------------------------------ decoding
+    def decode(self, ids: jax.Array, memory_kv: MemoryKV, memory_mask: jax.Array,
+               cache: KVCache | None = None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+        """The decoder against a memory, then :meth:`output`: the one path teacher forcing
+        and generation share. ids [B, T]; memory_mask [B, M] or [B, T, M]. Returns
+        (scores [B, T, V], the LM head's own logits [B, T, V], new cache or None)."""
+        logits, cache, hidden = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
+                                             cache=cache, deterministic=deterministic,
+                                             rngs=rngs, return_hidden=True)
+        return self.output(logits, hidden, memory_kv, memory_mask), logits, cache
+
     def output(self, logits: jax.Array, hidden: jax.Array, memory_kv: MemoryKV,
                memory_mask: jax.Array) -> jax.Array:
         """The next-token scores the model predicts with: ``logits`` [B, T, V] as they are,
@@ -277,10 +288,8 @@ class Captioner(nnx.Module):
             raise ValueError("empty memory: no image tokens and no neighbours")
         memory_kv, _ = concat_memory(parts)
         memory_mask = jnp.concatenate(masks, -1)  # [B, T, M]
-        logits, _, hidden = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
-                                         deterministic=deterministic, rngs=rngs,
-                                         return_hidden=True)
-        out = self.output(logits, hidden, memory_kv, memory_mask)
+        out, logits, _ = self.decode(ids, memory_kv, memory_mask, deterministic=deterministic,
+                                     rngs=rngs)
         return (out, logits) if with_lm_logits else out
 
 

@@ -60,9 +60,7 @@ def test_teacher_forcing_equals_per_chunk_decoding(layers, copy_head):
         chunk = ids[:, c * cl:(c + 1) * cl]
         if chunk.shape[1] == 0:
             break
-        step_logits, cache, hidden = model.decoder(chunk, memory_kv=kv, memory_mask=mask,
-                                                   cache=cache, return_hidden=True)
-        step_logits = model.output(step_logits, hidden, kv, mask)
+        step_logits, _, cache = model.decode(chunk, kv, mask, cache)
         np.testing.assert_allclose(np.asarray(step_logits),
                                    np.asarray(logits[:, c * cl:(c + 1) * cl]), atol=1e-5)
 

@@ -25,7 +25,7 @@ def test_sample_neighbours_shows_rank_ordered_candidates(top_k):
     assert (shown[:, 0] >= 0).sum(axis=1).max() == min(top_k, k_max)
 
 
-def test_lm_loss_weight_adds_the_lm_heads_own_cross_entropy():
+def test_lm_loss_weight_adds_the_lm_heads_own_cross_entropy(monkeypatch):
     """With a copy head, ``lm_loss_weight`` adds CE(LM head) to CE(mixture); the
     mixture's term alone is the loss at weight 0."""
     import optax
@@ -59,11 +59,8 @@ def test_lm_loss_weight_adds_the_lm_heads_own_cross_entropy():
         captured["lm"] = out[1]
         return out
 
-    type(model).__call__ = spy
-    try:
-        caption_loss_fn(**kw, lm_loss_weight=1.0)(model, batch, tables, rng)
-    finally:
-        type(model).__call__ = call
+    monkeypatch.setattr(type(model), "__call__", spy)
+    caption_loss_fn(**kw, lm_loss_weight=1.0)(model, batch, tables, rng)
     targets = tables["dec_ids"][:, 0, 1:]
     lm = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(captured["lm"],
                                                                         targets)))
