@@ -50,6 +50,7 @@ from ravlm_jax.retrieval.index import ExactIndex
 from ravlm_jax.sharding import batch_sharding, create_sharded, make_mesh, state_shardings
 from ravlm_jax.train import features as feats
 from ravlm_jax.train.checkpoint import StageCheckpoints, abstract_with_shardings
+from ravlm_jax.train.encode import datastore_rows, text_keys
 from ravlm_jax.train.export import VOCAB_FILE, decoder_tokenizer, export_model, text_tokenizer
 from ravlm_jax.train.metrics import MetricsWriter, check_finite, plot_curves
 from ravlm_jax.train.state import (
@@ -64,7 +65,7 @@ from ravlm_jax.train.steps import (
     contrastive_loss_fn,
     make_train_step,
 )
-from ravlm_jax.train.tables import CaptionTables, SplitCaptions, build_tables, payload_ids
+from ravlm_jax.train.tables import CaptionTables, SplitCaptions, caption_tables
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,7 @@ class Run:
         return path if path.exists() else None
 
     def make_tables(self, captions: SplitCaptions) -> CaptionTables:
-        cfg = self.config
-        return build_tables(captions, self.text_tok, self.dec_tok,
-                            text_len=int(cfg.data.texts.caption.max_len),
-                            dec_len=int(cfg.model.get("caption_len", 24)),
-                            chunk_len=int(cfg.model.captioner.chunk_len))
+        return caption_tables(self.config, captions, self.text_tok, self.dec_tok)
 
     # -- model
     def make_model(self):
@@ -364,78 +361,15 @@ def encoder_fingerprint_of(run: Run) -> str:
     return dual_encoder_fingerprint(run.model.encoder, run.config.model)
 
 
-def _text_keys(run: Run, tables: CaptionTables, features: dict | None) -> np.ndarray:
-    """Unit key vectors [N, R, D] of the captions in ``tables``."""
-    graphdef, state = nnx.split(run.model.encoder)
-
-    if features is not None and "text_pooled" in features:
-        def fn(state, pooled):
-            return nnx.merge(graphdef, state).embed_text_pooled(pooled)
-
-        pooled = features["text_pooled"]
-        flat = pooled.reshape(-1, pooled.shape[-1])
-        out = feats.batched_apply(fn, state, (flat,), 256, run.mesh)
-        return out.reshape(*pooled.shape[:-1], -1)
-
-    def fn(state, ids, mask):
-        return nnx.merge(graphdef, state).encode_text(ids, mask)
-
-    ids, mask = tables.text_ids, tables.text_mask
-    out = feats.batched_apply(fn, state, (ids.reshape(-1, ids.shape[-1]),
-                                          mask.reshape(-1, mask.shape[-1])), 64, run.mesh,
-                              "datastore keys", run.progress)
-    return out.reshape(*ids.shape[:-1], -1)
-
-
-def datastore_rows(run: Run, source, tables: CaptionTables, keys: np.ndarray, split: str
-                   ) -> list[dict[str, Any]]:
-    """Batches for ``build_datastore``: one row per caption (example row, caption r)."""
-    n_len = int(run.config.model.captioner.neighbour_len)
-    rows = [(i, r) for i in range(tables.size) for r in range(int(tables.count[i]))]
-    image_dir = run.workdir / "images" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    batches = []
-    for start in range(0, len(rows), 512):
-        part = rows[start:start + 512]
-        texts = [tables.texts[i][r] for i, r in part]
-        ids, _ = payload_ids(run.dec_tok, texts, n_len)
-        refs = []
-        for i, _ in part:
-            img = image_dir / f"{i}.png"
-            if not img.exists():
-                _write_thumbnail(source, i, img)
-            refs.append(f"../images/{split}/{i}.png" if img.exists() else "")
-        batches.append({
-            "keys": np.stack([keys[i, r] for i, r in part]).astype(np.float32),
-            "text": texts, "token_ids": ids,
-            "source_id": np.array([i for i, _ in part], np.int64) + (
-                0 if split == "train" else 1 << 40),
-            "group_id": np.array([tables.group_id[i] for i, _ in part], np.int64),
-            "image_ref": refs,
-        })
-    return batches
-
-
-def _write_thumbnail(source, i: int, path: Path) -> None:
-    from PIL import Image
-
-    from ravlm_jax.data.images import ImageError, decode_image
-
-    try:
-        img = decode_image(source[i]["image"], name=f"row {i}")
-    except ImageError:
-        return
-    Image.fromarray(img).save(path)
-
-
 def build_run_datastore(run: Run, out: Path, parts: list[tuple[Any, CaptionTables, dict | None,
                                                                str]]) -> Path:
     if (out / "manifest.json").exists():
         return out
     batches = []
     for source, tables, features, split in parts:
-        keys = _text_keys(run, tables, features)
-        batches += datastore_rows(run, source, tables, keys, split)
+        keys = text_keys(run.model.encoder, tables, features, run.mesh, run.progress)
+        batches += datastore_rows(source, tables, keys, split, run.dec_tok,
+                                  int(run.config.model.captioner.neighbour_len), run.workdir)
     r = run.config.retrieval
     return build_datastore(out, lambda b: b["keys"], batches,
                            fingerprint=encoder_fingerprint_of(run),
@@ -529,7 +463,8 @@ def crossfit_queries_and_keys(run: Run, rows: np.ndarray, stage: str
     try:
         stage_contrastive(run, stage, np.setdiff1d(np.arange(len(run.train_source)), rows))
         q = query_vectors(run, run.tables, run.features)[rows]
-        keys = _text_keys(run, run.tables, run.features)  # [N, R, D]
+        keys = text_keys(run.model.encoder, run.tables, run.features, run.mesh,
+                         run.progress)  # [N, R, D]
         keys = np.concatenate([keys[i, :int(run.tables.count[i])]
                                for i in range(run.tables.size)])
     finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -147,3 +148,13 @@ def build_tables(captions: SplitCaptions, text_tok: TextTokenizer, dec_tok: Text
         prefix_ids=table(p_ids, text_tok.pad_id), prefix_mask=table(p_mask, 0),
         prefix_valid=table(valid, False), count=count, group_id=groups, texts=texts,
         references=refs)
+
+
+def caption_tables(config: Any, captions: SplitCaptions, text_tok: TextTokenizer,
+                   dec_tok: TextTokenizer) -> CaptionTables:
+    """:func:`build_tables` with the lengths a run config sets (text tower, decoder,
+    chunks): what training, evaluation and datastore builds all tokenise with."""
+    return build_tables(captions, text_tok, dec_tok,
+                        text_len=int(config.data.texts.caption.max_len),
+                        dec_len=int(config.model.get("caption_len", 24)),
+                        chunk_len=int(config.model.captioner.chunk_len))
