@@ -209,13 +209,14 @@ class Reference:
         image_tokens, u_img = self.features(pixels)
         out = []
         for b in range(pixels.shape[0]):
-            tokens = []
+            tokens, score = [], 0.0
             while len(tokens) < self.t:
                 logp, used = self.next_logp(image_tokens[b], u_img[b], tokens, exclude[b])
                 tokens.append(int(np.argmax(logp)))
+                score += float(logp[tokens[-1]])
                 if tokens[-1] == EOS:
                     break
-            out.append((tokens, used))
+            out.append((tokens, used, score))
         return out
 
     def beam(self, pixels, exclude, beams, length_penalty):
@@ -252,8 +253,9 @@ def test_greedy_loop_equals_step_by_step_python_reference(model, store, exact, p
     ref = Reference(model, store, K, CL, T).greedy(pixels, EXCLUDE)
     chunks = -(-T // CL)
     assert out.tokens.shape == (3, T) and out.neighbour_ids.shape == (3, chunks, K)
-    for b, (tokens, used) in enumerate(ref):
+    for b, (tokens, used, score) in enumerate(ref):
         assert row_tokens(out, b) == tokens
+        assert out.scores[b] == pytest.approx(score, abs=1e-4)  # sum of log p
         # neighbours of every chunk the reference reached, -1 after the row finished
         for c in range(chunks):
             want = used[c] if c < len(used) else [-1] * K
@@ -264,8 +266,6 @@ def test_greedy_loop_equals_step_by_step_python_reference(model, store, exact, p
     assert any(len({tuple(r) for r in out.neighbour_ids[b] if r[0] >= 0}) > 1
                for b in range(3))
     assert len({tuple(row_tokens(out, b)) for b in range(3)}) > 1
-    # the scores are the sequences' log-probabilities
-    assert np.all(out.scores < 0) and np.all(np.isfinite(out.scores))
 
 
 def test_copy_head_loop_equals_python_reference(store, exact, pixels):
@@ -275,8 +275,9 @@ def test_copy_head_loop_equals_python_reference(store, exact, pixels):
     ref = Reference(model, store, K, CL, T)
     out = make_generator(model, exact, dict(strategy="greedy", max_len=T, **IDS), k=K)(
         pixels, exclude_group_ids=EXCLUDE)
-    for b, (tokens, _) in enumerate(ref.greedy(pixels, EXCLUDE)):
+    for b, (tokens, _, score) in enumerate(ref.greedy(pixels, EXCLUDE)):
         assert row_tokens(out, b) == tokens
+        assert out.scores[b] == pytest.approx(score, abs=1e-4)
     out = make_generator(model, exact, dict(strategy="beam", num_beams=2, max_len=T, **IDS),
                          k=K)(pixels, exclude_group_ids=EXCLUDE)
     for b, (tokens, score) in enumerate(ref.beam(pixels, EXCLUDE, 2, 1.0)):
@@ -309,8 +310,9 @@ def test_chunk_longer_than_output_equals_retrieve_once(model, store, exact, pixe
     out = gen(pixels, exclude_group_ids=EXCLUDE)
     assert out.neighbour_ids.shape == (3, 1, K)
     ref = Reference(model, store, K, 100, T).greedy(pixels, EXCLUDE)
-    for b, (tokens, used) in enumerate(ref):
+    for b, (tokens, used, score) in enumerate(ref):
         assert row_tokens(out, b) == tokens
+        assert out.scores[b] == pytest.approx(score, abs=1e-4)  # sum of log p
         assert [out.neighbour_ids[b, 0].tolist()] == used
 
 
@@ -376,7 +378,7 @@ def test_k0_decodes_against_the_image_only(model, store, pixels):
     out = gen(pixels)
     assert out.neighbour_ids.shape == (3, -(-T // CL), 0)
     ref = Reference(model, store, 0, CL, T).greedy(pixels, EXCLUDE)
-    for b, (tokens, _) in enumerate(ref):
+    for b, (tokens, *_) in enumerate(ref):
         assert row_tokens(out, b) == tokens
     # cached image features work too (no image tower in the program)
     tokens = model.encoder.image_tokens(pixels)
@@ -487,7 +489,7 @@ def test_query_text_is_retokenized_when_the_vocabularies_differ(store):
         return ids[:int(np.sum(np.asarray(ids) != bert.pad_id))]
 
     ref = Reference(model, (emb, tokens, groups), K, CL, 5, query_ids=bert_query)
-    for b, (want, _) in enumerate(ref.greedy(pixels, [-1, -1])):
+    for b, (want, *_) in enumerate(ref.greedy(pixels, [-1, -1])):
         assert row_tokens(out, b) == want
 
 
