@@ -232,7 +232,19 @@ def _filter_top_k(scores: jax.Array, ids: jax.Array, group_codes: jax.Array,
     return out_scores.astype(jnp.float32), out_ids.astype(jnp.int32)
 
 
-class ExactRetriever:
+class _PayloadRetriever:
+    """What both retrievers answer from their :class:`_Payloads` (token ids, groups)."""
+
+    payloads: _Payloads
+    size = property(lambda self: self.payloads.size)
+    token_len = property(lambda self: self.payloads.token_len)
+    pad_id = property(lambda self: self.payloads.pad_id)
+
+    def group_codes_of(self, group_ids: Any) -> np.ndarray:
+        return self.payloads.group_codes_of(group_ids)
+
+
+class ExactRetriever(_PayloadRetriever):
     """Exact top-k inside the generation program: the embedding matrix lives on the mesh,
     rows sharded over the ``datastore`` axes (:func:`exact_search`); payload token ids, group
     codes and hashes are device arrays (replicated), gathered in the graph.
@@ -266,13 +278,6 @@ class ExactRetriever:
             "hashes": put(_fold_hash(self.payloads.hashes)),  # [N]
         }
 
-    size = property(lambda self: self.payloads.size)
-    token_len = property(lambda self: self.payloads.token_len)
-    pad_id = property(lambda self: self.payloads.pad_id)
-
-    def group_codes_of(self, group_ids: Any) -> np.ndarray:
-        return self.payloads.group_codes_of(group_ids)
-
     def device_arrays(self) -> dict[str, jax.Array]:
         return self._arrays
 
@@ -291,7 +296,7 @@ class ExactRetriever:
         return Retrieved(scores, ids, tokens)
 
 
-class ScannRetriever:
+class ScannRetriever(_PayloadRetriever):
     """ScaNN (or any host :class:`~ravlm_jax.retrieval.index.Index`) called from the graph
     through ``jax.pure_callback``. Under a mesh the callback runs inside ``shard_map``: each
     device hands the host only its own batch shard, so nothing is gathered to one device.
@@ -317,13 +322,6 @@ class ScannRetriever:
         kwargs.setdefault("pad_id", int(datastore.manifest["payload"]["pad_id"]))
         return cls(datastore.index, datastore.token_ids, datastore.group_ids,
                    hashes=datastore.hashes, **kwargs)
-
-    size = property(lambda self: self.payloads.size)
-    token_len = property(lambda self: self.payloads.token_len)
-    pad_id = property(lambda self: self.payloads.pad_id)
-
-    def group_codes_of(self, group_ids: Any) -> np.ndarray:
-        return self.payloads.group_codes_of(group_ids)
 
     def device_arrays(self) -> dict[str, jax.Array]:
         return {}
