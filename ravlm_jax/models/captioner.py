@@ -210,9 +210,10 @@ class Captioner(nnx.Module):
         """The decoder against a memory, then :meth:`output`: the one path teacher forcing
         and generation share. ids [B, T]; memory_mask [B, M] or [B, T, M]. Returns
         (scores [B, T, V], the LM head's own logits [B, T, V], new cache or None)."""
-        logits, cache, hidden = self.decoder(ids, memory_kv=memory_kv, memory_mask=memory_mask,
-                                             cache=cache, deterministic=deterministic,
-                                             rngs=rngs, return_hidden=True)
+        hidden, cache = self.decoder.hidden_states(ids, memory_kv=memory_kv,
+                                                   memory_mask=memory_mask, cache=cache,
+                                                   deterministic=deterministic, rngs=rngs)
+        logits = self.decoder.logits(hidden)  # [B, T, V]
         return self.output(logits, hidden, memory_kv, memory_mask), logits, cache
 
     def output(self, logits: jax.Array, hidden: jax.Array, memory_kv: MemoryKV,

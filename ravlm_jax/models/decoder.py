@@ -277,10 +277,21 @@ class Decoder(nnx.Module):
     def __call__(self, ids: jax.Array, memory: jax.Array | None = None,
                  memory_kv: MemoryKV | None = None, memory_mask: jax.Array | None = None,
                  cache: KVCache | None = None, attention_mask: jax.Array | None = None,
-                 deterministic: bool = True, rngs: nnx.Rngs | None = None,
-                 return_hidden: bool = False) -> tuple[jax.Array, ...]:
-        """``ids [B, T]`` -> ``(logits [B, T, vocab] float32, new cache or None)``, plus the
-        final hidden states ``[B, T, width]`` (after ``ln_f``) with ``return_hidden``.
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """``ids [B, T]`` -> ``(logits [B, T, vocab] float32, new cache or None)``:
+        :meth:`hidden_states`, then :meth:`logits`. Arguments as :meth:`hidden_states`."""
+        hidden, cache = self.hidden_states(ids, memory, memory_kv, memory_mask, cache,
+                                           attention_mask, deterministic, rngs)
+        return self.logits(hidden), cache
+
+    def hidden_states(self, ids: jax.Array, memory: jax.Array | None = None,
+                      memory_kv: MemoryKV | None = None, memory_mask: jax.Array | None = None,
+                      cache: KVCache | None = None, attention_mask: jax.Array | None = None,
+                      deterministic: bool = True, rngs: nnx.Rngs | None = None
+                      ) -> tuple[jax.Array, KVCache | None]:
+        """``ids [B, T]`` -> ``(final hidden states [B, T, width] after ln_f, new cache or
+        None)``; a head on top of the decoder (a captioner's copy head) reads them.
 
         memory / memory_kv: the memory to cross-attend to (raw, or from
         :meth:`encode_memory`); neither means a plain LM pass, as in GPT-2.
@@ -291,8 +302,8 @@ class Decoder(nnx.Module):
         count real tokens only, as Hugging Face ``generate`` does for left padding.
         cache: without one, a full causal pass over positions 0..T-1; with one, the T
         tokens are written at ``cache.index`` and attend to everything written so far.
-        Writing past ``cache.max_len`` turns the logits into NaN instead of silently
-        overwriting the cache.
+        Writing past ``cache.max_len`` turns the hidden states (so the logits) into NaN
+        instead of silently overwriting the cache.
         """
         cfg = self.cfg
         if ids.ndim != 2:
@@ -336,17 +347,15 @@ class Decoder(nnx.Module):
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])
         hidden = self.ln_f(x)  # [B, T, W]
-        logits = self._logits(hidden)
-
         if cache is None:
-            return (logits, None, hidden) if return_hidden else (logits, None)
+            return hidden, None
         new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=valid,
                             index=index + t, positions=cache.positions + count[:, -1])
-        logits = jnp.where(index + t > cache.max_len, jnp.nan, logits)
-        return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
+        return jnp.where(index + t > cache.max_len, jnp.nan, hidden), new_cache
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: ``[B, T, width]`` -> ``[B, T, vocab]`` float32."""
+        logits = self.wte.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def _cross_inputs(self, b: int, t: int, memory: jax.Array | None,
