@@ -545,6 +545,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     unknown = [s for s in config.train.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; stages are {STAGES}")
+    if (float(config.train.caption.get("lm_loss_weight", 0.0))
+            and not config.model.captioner.get("copy_head", False)):
+        raise ValueError("train.caption.lm_loss_weight adds a loss on the LM head beside the "
+                         "copy head's: it needs model.captioner.copy_head=true")
     t0 = time.perf_counter()
     run = Run(config, workdir)
     say(f"run: {len(run.train_source)} training examples, mesh {dict(run.mesh.shape)}, "

@@ -146,6 +146,16 @@ def test_nan_guard_stops_with_step(tmp_path, data_dir):
     assert "Traceback" not in proc.stderr
 
 
+def test_lm_loss_weight_without_copy_head_is_refused_before_training(tmp_path, data_dir):
+    from ravlm_jax.train.loop import train_and_evaluate
+
+    config = tiny(data_dir, "train.caption.lm_loss_weight=0.3",
+                  "model.captioner.copy_head=false")
+    with pytest.raises(ValueError, match="needs model.captioner.copy_head"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_folds_keep_groups_together():
     from ravlm_jax.train.loop import fold_of_rows
 
