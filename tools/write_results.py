@@ -23,13 +23,14 @@ def explain(ev: dict, ks: list[int], k_main: int) -> list[str]:
     out = []
     if c0 is not None and ck is not None and c0 > 0:
         rel = (ck - c0) / c0 * 100
-        verdict = "raises" if rel > 0.5 else "does not raise"
+        raised = rel > 0.5  # percent: less is within the run-to-run spread
+        verdict = "raises" if raised else "does not raise"
         out.append(f"* **Retrieval {verdict} CIDEr-D.** The same trained model scores "
                    f"CIDEr-D {c0:.3f} with no neighbours (k=0) and {ck:.3f} with k={k_main}: "
                    f"{rel:+.1f}% relative. The neighbours are captions of *other* emoji "
                    "(the test split shares no group with the datastore): "
                    + ("what the decoder gains is vocabulary and phrasing of similar images, "
-                      "not the answer." if rel > 0 else
+                      "not the answer." if raised else
                       "at this k they add no more than the image already gives it."))
     b0, bk = ev.get("bleu4_k0"), ev.get(f"bleu4_k{k_main}")
     r0, rk = ev.get("rouge_l_k0"), ev.get(f"rouge_l_k{k_main}")
