@@ -35,7 +35,7 @@ from flax import nnx
 
 from ravlm_jax.models.decoder import Decoder, KVCache, MemoryKV
 from ravlm_jax.models.dual_encoder import DualEncoder
-from ravlm_jax.models.layers import Embed, LayerNorm, Linear, normal, param
+from ravlm_jax.models.layers import Embed, LayerNorm, Linear, einsum, normal, param
 from ravlm_jax.models.vit import PreLNEncoderLayer
 from ravlm_jax.sharding import constrain
 
@@ -154,14 +154,14 @@ class Captioner(nnx.Module):
             end = self.neighbour_end[...]  # [W]
 
         def project(lin) -> jax.Array:
-            kernel = lin.kernel[...].astype(lin.dtype)  # [W, inner]
+            kernel = lin.kernel[...]  # [W, inner]
             table = lin(emb)  # [V, inner] (bias included once, here)
-            p = jnp.einsum("lw,wi->li", pos.astype(lin.dtype), kernel)  # [Ln, inner]
-            s = jnp.einsum("kw,wi->ki", slot.astype(lin.dtype), kernel)  # [k, inner]
+            p = einsum("lw,wi->li", pos, kernel, lin.dtype)  # [Ln, inner]
+            s = einsum("kw,wi->ki", slot, kernel, lin.dtype)  # [k, inner]
             out = table[ids] + p[None, None] + s[None, :, None]  # [B, k, Ln, inner]
             if self.neighbour_next is not None:
-                nxt = jnp.einsum("vw,wi->vi", next_emb.astype(lin.dtype), kernel)  # [V, inner]
-                e = jnp.einsum("w,wi->i", end.astype(lin.dtype), kernel)  # [inner]
+                nxt = einsum("vw,wi->vi", next_emb, kernel, lin.dtype)  # [V, inner]
+                e = einsum("w,wi->i", end, kernel, lin.dtype)  # [inner]
                 out = out + jnp.where(is_last[..., None], e, nxt[next_ids])
             return out.reshape(b, k * ln, -1)  # [B, k*Ln, inner]
 
@@ -227,7 +227,7 @@ class Captioner(nnx.Module):
         keys = memory_kv.keys[-1]  # [B, H, M, D]
         h, d = keys.shape[1], keys.shape[3]
         q = self.copy_query(hidden).reshape(b, t, h, d)  # [B, T, H, D]
-        scores = jnp.einsum("bthd,bhmd->bhtm", q, keys.astype(q.dtype)) / d ** 0.5
+        scores = einsum("bthd,bhmd->bhtm", q, keys, q.dtype) / d ** 0.5  # [B, H, T, M]
         mask = memory_mask if memory_mask.ndim == 3 else memory_mask[:, None, :]  # [B,T|1,M]
         visible = mask.astype(bool) & (memory_kv.ids >= 0)[:, None, :]  # [B, T|1, M]
         visible = jnp.broadcast_to(visible, (b, t, visible.shape[-1]))  # [B, T, M]

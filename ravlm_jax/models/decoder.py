@@ -236,7 +236,8 @@ class Decoder(nnx.Module):
         self.ln_f = layers.LayerNorm(cfg.width, eps=cfg.eps, rngs=rngs, dtype=dt)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         layers.Linear(cfg.width, cfg.vocab_size, axes=("embed", "vocab"),
-                                      use_bias=False, rngs=rngs, dtype=dt))
+                                      use_bias=False, rngs=rngs, dtype=dt,
+                                      out_dtype=jnp.float32))
 
     # ----------------------------------------------------------------------- memory
 

@@ -4,11 +4,13 @@ Every parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (see
 ``ravlm_jax.sharding``). Kernels are stored ``[in, out]`` (the Flax convention; Hugging Face
 ``nn.Linear`` weights are transposed by the loaders, GPT-2 ``Conv1D`` ones are not).
 Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on TPU). Layer norms and
-softmax always run in float32.
+softmax always run in float32; matmuls in a low-precision ``dtype`` accumulate in float32
+(:func:`einsum`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -30,28 +32,123 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes,
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), **{LOGICAL_AXES_KEY: tuple(axes)})
 
 
+def einsum(equation: str, x: jax.Array, w: jax.Array, dtype: DType,
+           bias: jax.Array | None = None, out_dtype: DType | None = None) -> jax.Array:
+    """``jnp.einsum(equation, x, w) + bias`` computed in ``dtype``, returned in
+    ``out_dtype`` (default ``dtype``).
+
+    Below float32 the product accumulates in float32, the bias is added in float32 and the
+    sum is rounded once; the two gradient products take the cotangent rounded to ``dtype``
+    (as autocast does) and accumulate in float32 too. This is also what makes bfloat16 fast
+    on CPUs with bf16 dot instructions: XLA:CPU runs a bf16 x bf16 -> f32 dot on them (about
+    2x float32 here), while a bf16-output dot and a mixed f32 x bf16 one are computed in
+    float32 and converted (slower than float32 alone), and a bf16 bias gradient is reduced
+    through a slow windowed path. Batched products (an index in x, w and the output) are
+    computed in float32 from the rounded operands: XLA:CPU has no batched bf16 -> f32 dot.
+    Two operands, each index in at least two of x, w and the output.
+    """
+    y = _einsum_to_f32(equation, x, w, dtype)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype if out_dtype is None else out_dtype)
+
+
+def _einsum_to_f32(equation: str, x: jax.Array, w: jax.Array, dtype: DType) -> jax.Array:
+    """:func:`einsum` before its bias and rounding: operands in ``dtype``, float32 result."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(equation, x.astype(dtype), w.astype(dtype))
+    operands, out = equation.split("->")
+    xs, ws = operands.split(",")
+    if set(xs) & set(ws) & set(out) - {"."}:  # batched: XLA:CPU fails on bf16 -> f32 there
+        return jnp.einsum(equation, x.astype(dtype).astype(jnp.float32),
+                          w.astype(dtype).astype(jnp.float32))
+    return _einsum_f32_accumulate(equation, jnp.dtype(dtype), x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_f32_accumulate(equation: str, dtype: jnp.dtype, x: jax.Array, w: jax.Array
+                           ) -> jax.Array:
+    """Operands rounded to ``dtype`` inside, float32 result. The gradients come back in the
+    operands' own dtypes, unrounded (a float32 kernel's gradient is not rounded to bf16)."""
+    return jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_accumulate_fwd(equation, dtype, x, w):
+    xd, wd = x.astype(dtype), w.astype(dtype)
+    y = jnp.einsum(equation, xd, wd, preferred_element_type=jnp.float32)
+    return y, (xd, wd, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _einsum_f32_accumulate_bwd(equation, dtype, residuals, g):
+    x, w, x_like, w_like = residuals  # x, w in ``dtype``; *_like carry the input dtypes
+    operands, out = equation.split("->")
+    xs, ws = operands.split(",")
+    g = g.astype(dtype)
+    dx = jnp.einsum(f"{out},{ws}->{xs}", g, w, preferred_element_type=jnp.float32)
+    dw = _weight_grad(xs, ws, out, x, g)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+def _weight_grad(xs: str, ws: str, out: str, x: jax.Array, g: jax.Array) -> jax.Array:
+    """``einsum(f"{xs},{out}->{ws}", x, g)`` in float32. When x and the output share their
+    leading indices and w is [in, out] or [out, in] (Linear, the tied head), this is
+    ``a^T b`` over the flattened rows, taken by :func:`_rows_contracted`."""
+    i, o = xs[-1:], out[-1:]
+    if xs[:-1] == out[:-1] and i != o and ws in (i + o, o + i):
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # [N, I], [N, O]
+        return _rows_contracted(x2, g2) if ws == i + o else _rows_contracted(g2, x2)
+    return jnp.einsum(f"{xs},{out}->{ws}", x, g, preferred_element_type=jnp.float32)
+
+
+def _rows_contracted(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [N, P], b [N, Q] -> a^T b [P, Q] float32 (a weight gradient)."""
+    return jax.lax.platform_dependent(a, b, cpu=_rows_contracted_cpu,
+                                      default=_rows_contracted_plain)
+
+
+def _rows_contracted_plain(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum("np,nq->pq", a, b, preferred_element_type=jnp.float32)  # [P, Q]
+
+
+def _rows_contracted_cpu(a: jax.Array, b: jax.Array) -> jax.Array:
+    """XLA:CPU's bf16 dot reads a left operand contracted over its rows at under half its
+    speed (bf16 [1040, 256]^T [1040, 1024]: 177 vs 338 GFLOP/s here), and folds a plain
+    transpose back into the dot; a transpose padded by 8 rows is a real copy (a few %
+    of the dot). The narrower operand is the one copied."""
+    if a.shape[1] > b.shape[1]:
+        return _rows_contracted_cpu(b, a).T  # [P, Q]
+    p = a.shape[1]
+    a_t = jnp.pad(a.T, ((0, 8), (0, 0)))  # [P + 8, N]
+    return jnp.dot(a_t, b, preferred_element_type=jnp.float32)[:p]  # [P, Q]
+
+
+_einsum_f32_accumulate.defvjp(_einsum_f32_accumulate_fwd, _einsum_f32_accumulate_bwd)
+
+
 normal = jax.nn.initializers.normal
 zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel + bias`` with kernel ``[in, out]``."""
+    """``y = x @ kernel + bias`` with kernel ``[in, out]``, computed in ``dtype`` and
+    returned in ``out_dtype`` (default ``dtype``; float32 for an LM head, whose logits a
+    float32 softmax reads: no rounding to bf16 and back)."""
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
                  axes: Axes = (None, None), use_bias: bool = True, init_std: float = 0.02,
-                 dtype: DType = jnp.float32):
+                 dtype: DType = jnp.float32, out_dtype: DType | None = None):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
+        self.out_dtype = dtype if out_dtype is None else out_dtype
         self.kernel = param(rngs, normal(init_std), (in_features, out_features), axes)
         self.bias = param(rngs, zeros, (out_features,), axes[-1:]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)  # [..., in] -> [..., out]
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        bias = None if self.bias is None else self.bias[...]
+        return einsum("...i,io->...o", x, self.kernel[...], self.dtype, bias,
+                      out_dtype=self.out_dtype)  # [..., in] -> [..., out]
 
 
 class Embed(nnx.Module):
@@ -67,8 +164,9 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [..., features]
 
     def attend(self, x: jax.Array) -> jax.Array:
-        emb = self.embedding[...].astype(self.dtype)
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), emb)  # [..., num]
+        """The tied output head: float32 logits (computed in ``dtype``)."""
+        return einsum("...d,vd->...v", x, self.embedding[...], self.dtype,
+                      out_dtype=jnp.float32)  # [..., num]
 
 
 class LayerNorm(nnx.Module):
@@ -130,7 +228,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None, scale: float | None = None,
                           bias: jax.Array | None = None, kv_heads_major: bool = False
                           ) -> jax.Array:
-    """Softmax attention in float32.
+    """Softmax attention in float32 (XLA:CPU has no bf16 x bf16 -> f32 batched dot: it
+    fails at run time, so the low-precision path of :func:`einsum` is not used here).
 
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D], or [B, H, Tk, D] with ``kv_heads_major`` (the
     layout of decoding caches: a one-token query then reads K/V without transposing them

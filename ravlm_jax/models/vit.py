@@ -25,6 +25,7 @@ from ravlm_jax.models.layers import (
     DType,
     Embed,
     LayerNorm,
+    einsum,
     materialize_grad,
     normal,
     param,
@@ -129,7 +130,7 @@ class ViT(nnx.Module):
         b, g, p = pixels.shape[0], c.grid, c.patch_size
         tiles = pixels.astype(self.dtype).reshape(b, g, p, g, p, c.num_channels)
         # [B, gh, p, gw, p, C] x [p, p, C, W] -> [B, gh, gw, W]: conv with stride = kernel
-        patches = jnp.einsum("bhpwqc,pqcd->bhwd", tiles, self.patch_embed[...].astype(self.dtype))
+        patches = einsum("bhpwqc,pqcd->bhwd", tiles, self.patch_embed[...], self.dtype)
         patches = patches.reshape(b, c.num_patches, c.width)  # row-major grid, as HF flattens
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, c.width))
         x = jnp.concatenate([cls, patches], axis=1)  # [B, 1 + P, W]
