@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.freeze = (r"encoder\.image_tower\.", r"encoder\.text_tower\.")
     c.model.embed_dim = 256
     c.model.fusion = True
+    c.model.dtype = "float32"            # compute dtype of towers and decoder; or "bfloat16"
     c.model.tokenizer = "bert"           # decoder tokenizer (= the text tower's here)
     c.model.decoder_vocab = "full"       # or "train": the word pieces the training captions use
     c.model.caption_len = 24             # decoder tokens per caption, BOS and EOS included

@@ -85,21 +85,39 @@ def text_tower_config(cfg: Any) -> tuple[str, Any, int]:
     raise ValueError(f"unknown text tower {kind!r}; use bert or clip_text")
 
 
-def _image_tower(cfg: Any, rngs: nnx.Rngs) -> tuple[nnx.Module, int]:
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(model_cfg: Any) -> str:
+    """``model.dtype``: the towers' and the decoder's compute dtype (parameters, layer
+    norms, softmax, logits and the loss stay float32). bfloat16 is the TPU setting; on a
+    CPU with bf16 dot instructions (AVX512-BF16, AMX) it also trains faster here
+    (docs/PERFORMANCE.md)."""
+    dtype = str(_get(model_cfg, "dtype", "float32"))
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def _image_tower(cfg: Any, rngs: nnx.Rngs, dtype: str = "float32") -> tuple[nnx.Module, int]:
     kind, tc, width = image_tower_config(cfg)
     if kind == "efficientnet_lite0":
-        return EfficientNetLite0(rngs=rngs), width
-    return ViT(tc, rngs=rngs), width
+        return EfficientNetLite0(rngs=rngs, dtype=dtype), width
+    return ViT(tc, rngs=rngs, dtype=dtype), width
 
 
-def _text_tower(cfg: Any, rngs: nnx.Rngs) -> tuple[nnx.Module, int]:
+def _text_tower(cfg: Any, rngs: nnx.Rngs, dtype: str = "float32") -> tuple[nnx.Module, int]:
     kind, tc, width = text_tower_config(cfg)
-    return (Bert(tc, rngs=rngs) if kind == "bert" else CLIPText(tc, rngs=rngs)), width
+    tower = Bert if kind == "bert" else CLIPText
+    return tower(tc, rngs=rngs, dtype=dtype), width
 
 
-def decoder_config(cfg: Any, memory_width: int | None = None) -> DecoderConfig:
+def decoder_config(cfg: Any, memory_width: int | None = None,
+                   dtype: str | None = None) -> DecoderConfig:
     d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     d.setdefault("cross_attention", True)
+    if dtype is not None:
+        d.setdefault("dtype", dtype)
     if memory_width is not None:
         d.setdefault("memory_width", memory_width)
     return DecoderConfig(**d)
@@ -108,8 +126,9 @@ def decoder_config(cfg: Any, memory_width: int | None = None) -> DecoderConfig:
 # ------------------------------------------------------------------ whole models
 
 def build_dual_encoder(model_cfg: Any, rngs: nnx.Rngs) -> DualEncoder:
-    image, wi = _image_tower(model_cfg.image_tower, rngs)
-    text, wt = _text_tower(model_cfg.text_tower, rngs)
+    dtype = compute_dtype(model_cfg)
+    image, wi = _image_tower(model_cfg.image_tower, rngs, dtype)
+    text, wt = _text_tower(model_cfg.text_tower, rngs, dtype)
     de = DualEncoderConfig(image_width=wi, text_width=wt, embed_dim=int(model_cfg.embed_dim),
                            fusion=bool(_get(model_cfg, "fusion", True)))
     return DualEncoder(image, text, de, rngs=rngs)
@@ -117,7 +136,8 @@ def build_dual_encoder(model_cfg: Any, rngs: nnx.Rngs) -> DualEncoder:
 
 def build_captioner(model_cfg: Any, rngs: nnx.Rngs) -> Captioner:
     encoder = build_dual_encoder(model_cfg, rngs)
-    decoder = Decoder(decoder_config(model_cfg.decoder), rngs=rngs)
+    decoder = Decoder(decoder_config(model_cfg.decoder, dtype=compute_dtype(model_cfg)),
+                      rngs=rngs)
     cap = dict(model_cfg.captioner.to_dict() if hasattr(model_cfg.captioner, "to_dict")
                else model_cfg.captioner)
     return Captioner(encoder, decoder,

@@ -75,6 +75,30 @@ def test_one_run_all_stages(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_bfloat16_compute_trains_and_keeps_float32_parameters(tmp_path, data_dir):
+    """``model.dtype=bfloat16``: every stage runs with bf16 matmuls (float32 accumulation
+    and parameters), the loss falls, and the exported model computes in bf16."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ravlm_jax.train.export import load_model
+    from ravlm_jax.train.loop import train_and_evaluate
+
+    config = tiny(data_dir, "model.dtype=bfloat16", "train.contrastive.steps=2",
+                  "train.caption.steps=6", "train.log_every=1")
+    train_and_evaluate(config, tmp_path)
+    caption = [r["loss"] for r in metrics(tmp_path) if r["stage"] == "caption"]
+    assert len(caption) == 6 and np.all(np.isfinite(caption)) and caption[-1] < caption[0]
+    model, cfg = load_model(tmp_path)
+    assert cfg.model.dtype == "bfloat16" and model.decoder.cfg.dtype == "bfloat16"
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert params and all(p.dtype == jnp.float32 for p in params)
+    with pytest.raises(ValueError, match="model.dtype must be one of"):
+        train_and_evaluate(tiny(data_dir, "model.dtype=float16"), tmp_path / "bad")
+
+
+@pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path, data_dir):
     from ravlm_jax.train.loop import train_and_evaluate
 
