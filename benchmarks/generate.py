@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of both sides (bfloat16: ours f32 parameters with bf16 "
+                        "compute, torch's modules cast to bf16)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--breakdown", action="store_true",
                    help="ours only: decoding alone, + neighbours once, + every chunk")
@@ -142,18 +145,20 @@ def build_ours(s: Setup):
     from ravlm_jax.models.vit import ViT, ViTConfig
 
     a = s.a
+    dtype = jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32
 
     def factory():
         rngs = nnx.Rngs(0)
         image = ViT(ViTConfig(image_size=32, patch_size=16, width=s.image_width, layers=1,
                               heads=4, mlp_dim=64), rngs=rngs)  # unused: features are given
         text = Bert(BertConfig(vocab_size=a.vocab, width=s.text_width, layers=6, heads=12,
-                               mlp_dim=4 * s.text_width, max_len=64), rngs=rngs)
+                               mlp_dim=4 * s.text_width, max_len=64), rngs=rngs, dtype=dtype)
         enc = DualEncoder(image, text, DualEncoderConfig(
             image_width=s.image_width, text_width=s.text_width, embed_dim=s.embed_dim),
             rngs=rngs)
         dec = Decoder(DecoderConfig(vocab_size=a.vocab, n_positions=64, width=a.width,
-                                    layers=a.layers, heads=a.heads, cross_attention=True),
+                                    layers=a.layers, heads=a.heads, cross_attention=True,
+                                    dtype=dtype),
                       rngs=rngs)
         return Captioner(enc, dec, CaptionerConfig(
             image_width=s.image_width, k_max=max(a.k, 1), neighbour_len=a.neighbour_len,
@@ -215,6 +220,8 @@ def build_baseline(s: Setup):
     parts = Parts()
     for m in (gpt2, bert, parts):
         m.eval()
+        if a.dtype == "bfloat16":
+            m.to(torch.bfloat16)
     return gpt2, bert, parts
 
 
@@ -225,8 +232,9 @@ def run_baseline(s: Setup, models, batch: int):
     gpt2, bert, parts = models
     a = s.a
     chunks = -(-a.new_tokens // a.chunk)
-    image_tokens = torch.from_numpy(s.image_tokens[:batch])
-    image_pooled = torch.from_numpy(s.image_pooled[:batch])
+    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    image_tokens = torch.from_numpy(s.image_tokens[:batch]).to(dtype)
+    image_pooled = torch.from_numpy(s.image_pooled[:batch]).to(dtype)
     exclude = np.full((batch,), -2, np.int32)
 
     @torch.no_grad()
@@ -245,7 +253,7 @@ def run_baseline(s: Setup, models, batch: int):
                 u_txt = F.normalize(parts.text_proj(hidden.mean(1)), dim=-1)
                 both = u_img + u_txt + parts.fusion(torch.cat([u_img, u_txt], -1))
                 q = F.normalize(both, dim=-1)
-            _, rows, tokens = s.scann.host_search(q.numpy(), exclude, a.k)  # Python, host
+            _, rows, tokens = s.scann.host_search(q.float().numpy(), exclude, a.k)  # Python, host
             nb = torch.from_numpy(tokens).long()  # [B, k, Ln]
             nb_mem = (gpt2.transformer.wte(nb) + parts.neighbour_pos.weight[None, None]
                       + parts.neighbour_slot.weight[None, :, None])  # [B, k, Ln, W]
@@ -311,7 +319,7 @@ def main(a: argparse.Namespace) -> dict:
                   "vocab": a.vocab, "memory": a.image_tokens + a.k * a.neighbour_len,
                   "new_tokens": a.new_tokens, "chunk": a.chunk, "k": a.k,
                   "datastore_rows": a.rows, "text_tower": "BERT 384 x 6 (MiniLM-L6 size)"},
-        "repeats": a.repeats,
+        "repeats": a.repeats, "dtype": a.dtype,
     }
     s = Setup(a)
     ours_model = build_ours(s)
