@@ -62,32 +62,32 @@ def _einsum_to_f32(equation: str, x: jax.Array, w: jax.Array, dtype: DType) -> j
     if set(xs) & set(ws) & set(out) - {"."}:  # batched: XLA:CPU fails on bf16 -> f32 there
         return jnp.einsum(equation, x.astype(dtype).astype(jnp.float32),
                           w.astype(dtype).astype(jnp.float32))
-    return _einsum_f32_accumulate(equation, jnp.dtype(dtype), x, w)
+    return _einsum_f32_accumulate(equation, jnp.dtype(dtype), x.dtype, w.dtype, x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _einsum_f32_accumulate(equation: str, dtype: jnp.dtype, x: jax.Array, w: jax.Array
-                           ) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _einsum_f32_accumulate(equation: str, dtype: jnp.dtype, x_dtype: jnp.dtype,
+                           w_dtype: jnp.dtype, x: jax.Array, w: jax.Array) -> jax.Array:
     """Operands rounded to ``dtype`` inside, float32 result. The gradients come back in the
-    operands' own dtypes, unrounded (a float32 kernel's gradient is not rounded to bf16)."""
+    operands' own dtypes (``x_dtype``, ``w_dtype``), unrounded: a float32 kernel's gradient
+    is not rounded to bf16."""
     return jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
                       preferred_element_type=jnp.float32)
 
 
-def _einsum_f32_accumulate_fwd(equation, dtype, x, w):
-    xd, wd = x.astype(dtype), w.astype(dtype)
-    y = jnp.einsum(equation, xd, wd, preferred_element_type=jnp.float32)
-    return y, (xd, wd, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+def _einsum_f32_accumulate_fwd(equation, dtype, x_dtype, w_dtype, x, w):
+    xd, wd = x.astype(dtype), w.astype(dtype)  # saved rounded: half the residual memory
+    return jnp.einsum(equation, xd, wd, preferred_element_type=jnp.float32), (xd, wd)
 
 
-def _einsum_f32_accumulate_bwd(equation, dtype, residuals, g):
-    x, w, x_like, w_like = residuals  # x, w in ``dtype``; *_like carry the input dtypes
+def _einsum_f32_accumulate_bwd(equation, dtype, x_dtype, w_dtype, residuals, g):
+    x, w = residuals
     operands, out = equation.split("->")
     xs, ws = operands.split(",")
     g = g.astype(dtype)
     dx = jnp.einsum(f"{out},{ws}->{xs}", g, w, preferred_element_type=jnp.float32)
     dw = _weight_grad(xs, ws, out, x, g)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
 def _weight_grad(xs: str, ws: str, out: str, x: jax.Array, g: jax.Array) -> jax.Array:
