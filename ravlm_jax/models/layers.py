@@ -44,7 +44,9 @@ def einsum(equation: str, x: jax.Array, w: jax.Array, dtype: DType,
     2x float32 here), while a bf16-output dot and a mixed f32 x bf16 one are computed in
     float32 and converted (slower than float32 alone), and a bf16 bias gradient is reduced
     through a slow windowed path. Batched products (an index in x, w and the output) are
-    computed in float32 from the rounded operands: XLA:CPU has no batched bf16 -> f32 dot.
+    computed in float32 from the rounded operands: through this custom gradient, a batched
+    bf16 -> f32 dot failed at run time on XLA:CPU ("Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32").
     Two operands, each index in at least two of x, w and the output.
     """
     y = _einsum_to_f32(equation, x, w, dtype)
@@ -59,7 +61,7 @@ def _einsum_to_f32(equation: str, x: jax.Array, w: jax.Array, dtype: DType) -> j
         return jnp.einsum(equation, x.astype(dtype), w.astype(dtype))
     operands, out = equation.split("->")
     xs, ws = operands.split(",")
-    if set(xs) & set(ws) & set(out) - {"."}:  # batched: XLA:CPU fails on bf16 -> f32 there
+    if set(xs) & set(ws) & set(out) - {"."}:  # batched (see above)
         return jnp.einsum(equation, x.astype(dtype).astype(jnp.float32),
                           w.astype(dtype).astype(jnp.float32))
     return _einsum_f32_accumulate(equation, jnp.dtype(dtype), x.dtype, w.dtype, x, w)
@@ -228,8 +230,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None, scale: float | None = None,
                           bias: jax.Array | None = None, kv_heads_major: bool = False
                           ) -> jax.Array:
-    """Softmax attention in float32 (XLA:CPU has no bf16 x bf16 -> f32 batched dot: it
-    fails at run time, so the low-precision path of :func:`einsum` is not used here).
+    """Softmax attention in float32 (bf16 products here gave no measurable gain on the CPU
+    train step, docs/PERFORMANCE.md).
 
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D], or [B, H, Tk, D] with ``kv_heads_major`` (the
     layout of decoding caches: a one-token query then reads K/V without transposing them
