@@ -145,7 +145,7 @@ def build_ours(s: Setup):
     from ravlm_jax.models.vit import ViT, ViTConfig
 
     a = s.a
-    dtype = jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32
+    dtype = jnp.dtype(a.dtype)
 
     def factory():
         rngs = nnx.Rngs(0)
@@ -220,8 +220,7 @@ def build_baseline(s: Setup):
     parts = Parts()
     for m in (gpt2, bert, parts):
         m.eval()
-        if a.dtype == "bfloat16":
-            m.to(torch.bfloat16)
+        m.to(getattr(torch, a.dtype))
     return gpt2, bert, parts
 
 
@@ -232,7 +231,7 @@ def run_baseline(s: Setup, models, batch: int):
     gpt2, bert, parts = models
     a = s.a
     chunks = -(-a.new_tokens // a.chunk)
-    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    dtype = getattr(torch, a.dtype)
     image_tokens = torch.from_numpy(s.image_tokens[:batch]).to(dtype)
     image_pooled = torch.from_numpy(s.image_pooled[:batch]).to(dtype)
     exclude = np.full((batch,), -2, np.int32)

@@ -357,7 +357,7 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The LM head: ``[B, T, width]`` -> ``[B, T, vocab]`` float32."""
         logits = self.wte.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return constrain(logits, ("batch", "length", "vocab"))  # both heads return float32
 
     def _cross_inputs(self, b: int, t: int, memory: jax.Array | None,
                       memory_kv: MemoryKV | None,

@@ -39,7 +39,11 @@ from tqdm.auto import tqdm
 from ravlm_jax.data.pipeline import IndexLoader, loader_from_config
 from ravlm_jax.data.sources import open_source
 from ravlm_jax.data.tokenizers import SubsetTokenizer, get_tokenizer
-from ravlm_jax.models.factory import build_captioner, pretrained_tower_arrays
+from ravlm_jax.models.factory import (
+    build_captioner,
+    compute_dtype,
+    pretrained_tower_arrays,
+)
 from ravlm_jax.retrieval.datastore import (
     Datastore,
     build_datastore,
@@ -540,8 +544,7 @@ def stage_caption(run: Run) -> None:
 # ------------------------------------------------------------------ entry point
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # config errors: one line each, before anything is written to the workdir
     unknown = [s for s in config.train.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; stages are {STAGES}")
@@ -549,6 +552,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             and not config.model.captioner.get("copy_head", False)):
         raise ValueError("train.caption.lm_loss_weight adds a loss on the LM head beside the "
                          "copy head's: it needs model.captioner.copy_head=true")
+    compute_dtype(config.model)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = Run(config, workdir)
     say(f"run: {len(run.train_source)} training examples, mesh {dict(run.mesh.shape)}, "

@@ -96,6 +96,7 @@ def test_bfloat16_compute_trains_and_keeps_float32_parameters(tmp_path, data_dir
     assert params and all(p.dtype == jnp.float32 for p in params)
     with pytest.raises(ValueError, match="model.dtype must be one of"):
         train_and_evaluate(tiny(data_dir, "model.dtype=float16"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before the workdir is written
 
 
 @pytest.mark.slow
