@@ -130,6 +130,10 @@ def test_scann_defaults_depend_on_size():
     assert big["mode"] == "tree_ah" and big["num_leaves"] == 2000
     assert 1 <= big["leaves_to_search"] <= big["num_leaves"]
     assert big["dims_per_block"] == 2 and big["anisotropic_quantization_threshold"] == 0.2
+    # small datastores search enough leaves to score ~1,000 rows; 100k keeps its 8
+    small = default_scann_params(20_000)
+    assert small["leaves_to_search"] * 20_000 / small["num_leaves"] >= 1_000
+    assert default_scann_params(100_000)["leaves_to_search"] == 8
 
 
 def test_scann_tiny_datastore_is_brute_force_and_exact():
