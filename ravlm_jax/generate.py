@@ -508,13 +508,25 @@ def _tokenizer(tok: Any) -> Any:
 # ============================================================================ decoding
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """``logits [N, V]`` -> the first index of each row's maximum ``[N]``, as ``argmax``.
+
+    Computed as a max, then a min over the positions holding it: XLA:CPU runs
+    ``jnp.argmax``'s (value, index) reduction unvectorised, ~4x slower over a 30k
+    vocabulary, 9% of a batch-32 decoding step. Rows with NaN give the last id."""
+    v = logits.shape[-1]
+    top = logits.max(-1, keepdims=True)  # [N, 1]
+    first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), -1)  # [N]
+    return jnp.minimum(first, v - 1)
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """``logits [N, V]`` -> token ids ``[N]``: temperature, then top-k, then top-p (nucleus,
     keeping the smallest set whose probability reaches ``top_p``), as Hugging Face orders
     them. ``temperature == 0`` is greedy."""
     if temperature == 0:
-        return jnp.argmax(logits, -1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits.astype(jnp.float32) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [N, 1]
@@ -677,13 +689,15 @@ class _Loop:
 
     def choose_sampled(self, c: _Carry, logits: jax.Array) -> tuple[_Carry, jax.Array]:
         cfg = self.cfg
+        logits = logits.astype(jnp.float32)  # [N, V]
         if cfg.strategy == "greedy":
-            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            tok = greedy_tokens(logits)
         else:
             key = jax.random.fold_in(self.rng, c.step)
             tok = sample_logits(logits, key, cfg.temperature, cfg.top_k, cfg.top_p)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        tok_logp = jnp.take_along_axis(logp, tok[:, None], 1)[:, 0]
+        # log p(tok) without materialising the [N, V] log-softmax
+        tok_logp = (jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]
+                    - jax.nn.logsumexp(logits, -1))  # [N]
         live = ~c.done
         tok = jnp.where(live, tok, cfg.pad_id)
         c = dataclasses.replace(c, score=c.score + jnp.where(live, tok_logp, 0.0))

@@ -19,6 +19,7 @@ from ravlm_jax.generate import (
     QueryText,
     ScannRetriever,
     _query_buckets,
+    greedy_tokens,
     make_generator,
     sample_logits,
 )
@@ -377,6 +378,17 @@ def test_sample_logits_filters():
     np.testing.assert_allclose(np.bincount(draw().ravel(), minlength=4) / 2000,
                                [0.5, 0.3, 0.15, 0.05], atol=0.04)
     assert int(sample_logits(logits, keys[0], temperature=0.0)[0]) == 0
+
+
+def test_greedy_tokens_equal_argmax_ties_included():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 1000)).astype(np.float32)
+    logits[1, [3, 700]] = 9.0  # a tie: the first index wins, as in argmax
+    logits[2] = -np.inf
+    logits[3, :] = 0.5
+    logits = np.round(logits, 1)  # many ties below the maximum
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy_tokens)(logits)),
+                                  np.argmax(logits, -1))
 
 
 def test_query_lengths_are_each_boundarys_text_without_padding():
