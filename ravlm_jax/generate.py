@@ -10,7 +10,8 @@ program per (batch shape, k, strategy) that
    with a static KV cache. After every ``chunk_len`` tokens it forms the query
    ``E(text so far, image)``, retrieves again and *replaces* the cross-attention memory:
    the image's per-layer K/V are computed once, the neighbours' once per chunk, never per
-   token (``Captioner.chunk_memory_kv``); the self-attention cache carries on.
+   token (``Captioner.chunk_memory_kv``; with linear neighbour memory, a gather from
+   per-vocabulary tables built once per parameter set); the self-attention cache carries on.
 
 The layout is exactly the captioner's teacher forcing (``Captioner.__call__``): the decoder
 input at position ``m`` (``m = 0`` is BOS, ``m >= 1`` the m-th generated token) sees the
@@ -68,7 +69,11 @@ class GenerateConfig:
     ``SubsetTokenizer``). ``bos_id``/``eos_id``/``pad_id`` default to the decoder
     tokenizer's (BERT: [CLS], [SEP], [PAD]). ``decoder_vocab`` is the run config's
     ``model.decoder_vocab``: ``"train"`` means the decoder uses a subset saved with the run,
-    which :func:`make_generator` must be given.
+    which :func:`make_generator` must be given. ``neighbour_table_mib``: with linear
+    neighbour memory (``neighbour_layers=0``), the per-vocabulary K/V tables
+    (:meth:`Captioner.neighbour_tables`) are built once per parameter set and kept while
+    they take at most this many MiB (``2 x layers x V x width`` floats, twice that with
+    ``neighbour_next``); 0: every chunk projects its neighbours' tokens instead.
     """
 
     strategy: str = "greedy"
@@ -84,6 +89,7 @@ class GenerateConfig:
     bos_id: int | None = None
     eos_id: int | None = None
     pad_id: int | None = None
+    neighbour_table_mib: float = 512.0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -94,6 +100,9 @@ class GenerateConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.neighbour_table_mib < 0:
+            raise ValueError(f"neighbour_table_mib must be >= 0, got "
+                             f"{self.neighbour_table_mib}")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, "
                              f"{self.top_p}")
@@ -560,6 +569,7 @@ class _Plan:
     neighbour_len: int
     pixels: bool
     use_image: bool
+    neighbour_tables: bool = False  # arrays["neighbour_tables"] holds the K/V tables
 
     @property
     def steps(self) -> int:
@@ -628,7 +638,8 @@ class _Loop:
         nb_ids, nb_mask = neighbour_inputs(found.tokens, found.ids, plan.neighbour_len,
                                            self.retriever.pad_id)
         # the image's K/V were computed once; only the neighbours' are new each chunk
-        memory, mask = model.chunk_memory_kv(self.image_kv, nb_ids, nb_mask)
+        memory, mask = model.chunk_memory_kv(self.image_kv, nb_ids, nb_mask,
+                                             self.arrays.get("neighbour_tables"))
         return memory, mask, found.ids, found.scores
 
     def query_vector(self, text: jax.Array, text_len: jax.Array) -> jax.Array:
@@ -878,6 +889,13 @@ class _Loop:
 # ============================================================================ the generator
 
 
+@functools.lru_cache(maxsize=8)
+def _table_builder(graphdef: Any, out_sharding: Any) -> Any:
+    """One jitted :meth:`Captioner.neighbour_tables` per model structure (and placement)."""
+    return jax.jit(lambda state: nnx.merge(graphdef, state).neighbour_tables(),
+                   out_shardings=out_sharding)
+
+
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _COMPILED_MAX = 32
 _TRACES: collections.Counter = collections.Counter()  # program key -> times traced
@@ -909,6 +927,8 @@ class Generator:
         self._arrays = None
         self._split: tuple[Any, Any] | None = None  # (graphdef, state of the model's Variables)
         self._programs: dict[_Plan, Any] = {}
+        self._use_tables: bool | None = None
+        self._tables: tuple[list, Any] | None = None  # (parameter leaves, tables built of them)
 
     @property
     def traces(self) -> int:
@@ -949,7 +969,36 @@ class Generator:
                      self.retriever.token_len if self.retriever is not None else 1)
         return _Plan(cfg=cfg, k=self.k, chunk_len=self.chunk_len, prompt_len=prompt_len,
                      query_len=query_len, neighbour_len=nb_len, pixels=pixels,
-                     use_image=model.config.use_image_tokens)
+                     use_image=model.config.use_image_tokens,
+                     neighbour_tables=self._tables_fit())
+
+    def _tables_fit(self) -> bool:
+        """Whether this generator keeps the neighbour K/V tables (see GenerateConfig)."""
+        if self._use_tables is None:
+            model = self.model
+            self._use_tables = bool(self.k) and model.linear_neighbours()
+            if self._use_tables:
+                shapes = jax.eval_shape(model.neighbour_tables)
+                mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) / 2**20
+                self._use_tables = mib <= self.cfg.neighbour_table_mib
+        return self._use_tables
+
+    def _neighbour_tables(self, graphdef: Any, params: list, state: Any) -> Any:
+        """The tables of the model's current parameters ``params`` (built from ``state``,
+        the same placed on the mesh): rebuilt when any parameter array was replaced
+        (``nnx.update``, an optimizer step; JAX arrays are immutable), else reused."""
+        if self._tables is not None and all(
+                a is b for a, b in zip(self._tables[0], params, strict=True)):
+            return self._tables[1]
+        out = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+        build = _table_builder(graphdef, out)
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                tables = build(state)
+        else:
+            tables = build(state)
+        self._tables = (params, tables)
+        return tables
 
     def _program(self, graphdef: Any, plan: _Plan):
         query_text = self.query_text
@@ -1028,6 +1077,7 @@ class Generator:
         if fn is None:
             fn = self._programs[plan] = self._program(graphdef, plan)
         arrays = self._device_arrays()
+        params = jax.tree.leaves(state)  # the model's current arrays
 
         # pad the batch to a multiple of the batch shards (padding rows are dropped)
         multiple = self._batch_multiple()
@@ -1042,6 +1092,10 @@ class Generator:
             state = jax.device_put(state, self._shardings)
             batch = jax.tree.map(lambda x: jax.device_put(
                 x, batch_sharding(self.mesh, x.ndim, self.rules)), batch)
+        if plan.neighbour_tables:
+            arrays = {**arrays,
+                      "neighbour_tables": self._neighbour_tables(graphdef, params, state)}
+        if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 out = fn(state, arrays, batch[0], rng, *batch[1:])
         else:

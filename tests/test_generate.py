@@ -52,7 +52,7 @@ def random_params(factory, seed=0, std=0.3):
 
 
 def tiny_captioner(seed=0, vocab=VOCAB, text_vocab=VOCAB, chunk_len=CL, copy_head=False,
-                   dtype=jnp.float32):
+                   dtype=jnp.float32, neighbour_layers=1, neighbour_next=False):
     def build():
         rngs = nnx.Rngs(seed)
         vit = ViT(ViTConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2,
@@ -64,8 +64,9 @@ def tiny_captioner(seed=0, vocab=VOCAB, text_vocab=VOCAB, chunk_len=CL, copy_hea
         dec = Decoder(DecoderConfig(vocab_size=vocab, n_positions=32, width=24, layers=2,
                                     heads=2, cross_attention=True, dtype=dtype), rngs=rngs)
         return Captioner(enc, dec, CaptionerConfig(image_width=16, k_max=4, neighbour_len=5,
-                                                   chunk_len=chunk_len, copy_head=copy_head),
-                         rngs=rngs)
+                                                   chunk_len=chunk_len, copy_head=copy_head,
+                                                   neighbour_layers=neighbour_layers,
+                                                   neighbour_next=neighbour_next), rngs=rngs)
 
     return random_params(build, seed)
 
@@ -302,6 +303,37 @@ def test_copy_head_loop_equals_python_reference(store, exact, pixels):
 
 
 @pytest.mark.slow
+def test_neighbour_tables_loop_equals_python_reference_and_follow_new_parameters(
+        store, exact, pixels):
+    """Linear neighbour memory: each chunk's K/V are gathered from per-vocabulary tables
+    built once per parameter set; tokens equal the reference and the per-chunk projection,
+    and replacing the parameters rebuilds the tables."""
+    model = tiny_captioner(seed=4, neighbour_layers=0, neighbour_next=True, copy_head=True)
+    cfg = dict(strategy="greedy", max_len=T, **IDS)
+    gen = make_generator(model, exact, cfg, k=K)
+    projecting = make_generator(model, exact, cfg, k=K, neighbour_table_mib=0)
+    out = gen(pixels, exclude_group_ids=EXCLUDE)
+    assert gen._tables is not None and projecting._tables is None
+    ref = Reference(model, store, K, CL, T).greedy(pixels, EXCLUDE)
+    for b, (tokens, _used, score) in enumerate(ref):
+        assert row_tokens(out, b) == tokens
+        assert out.scores[b] == pytest.approx(score, rel=1e-4, abs=1e-4)
+    want = projecting(pixels, exclude_group_ids=EXCLUDE)
+    np.testing.assert_array_equal(out.tokens, want.tokens)
+    np.testing.assert_allclose(out.scores, want.scores, rtol=1e-5, atol=1e-5)
+    tables = gen._tables[1]
+    gen(pixels, exclude_group_ids=EXCLUDE)
+    assert gen._tables[1] is tables  # same parameters: reused
+    nnx.update(model, jax.tree.map(lambda x: x * 1.5, nnx.state(model, nnx.Param)))
+    out2, want2 = gen(pixels, exclude_group_ids=EXCLUDE), projecting(pixels,
+                                                                    exclude_group_ids=EXCLUDE)
+    assert gen._tables[1] is not tables
+    np.testing.assert_array_equal(out2.tokens, want2.tokens)
+    np.testing.assert_allclose(out2.scores, want2.scores, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out2.scores, out.scores)
+    assert gen.traces == 1
+
+
 def test_prompt_continues_the_prefix_and_joins_the_query(model, store, exact, pixels):
     prompt = np.array([[7, 9, 11], [5, 0, 0], [8, 13, 0]], np.int32)
     mask = (prompt != 0).astype(np.int32)
@@ -440,8 +472,9 @@ def test_runs_sharded_on_8_devices(model, store, exact, pixels, mesh8):
 
 
 @pytest.mark.slow
-def test_copy_head_beam_search_runs_sharded(store, exact, pixels, mesh8):
-    model = tiny_captioner(copy_head=True)
+@pytest.mark.parametrize("neighbour_layers", [1, 0])  # 0: K/V tables, replicated
+def test_copy_head_beam_search_runs_sharded(store, exact, pixels, mesh8, neighbour_layers):
+    model = tiny_captioner(copy_head=True, neighbour_layers=neighbour_layers)
     beam = dict(strategy="beam", num_beams=2, max_len=T, **IDS)
     want = make_generator(model, exact, beam, k=K)(pixels, exclude_group_ids=EXCLUDE)
     got = make_generator(model, ExactRetriever(store, mesh8), beam, k=K, mesh=mesh8)(

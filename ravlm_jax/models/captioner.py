@@ -28,6 +28,7 @@ logits of the chunked generation loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,19 @@ from ravlm_jax.models.dual_encoder import DualEncoder
 from ravlm_jax.models.layers import Embed, LayerNorm, Linear, einsum, normal, param
 from ravlm_jax.models.vit import PreLNEncoderLayer
 from ravlm_jax.sharding import constrain
+
+
+class ProjectionTables(NamedTuple):
+    """One cross-attention projection (key or value) of the neighbour memory, by parts."""
+
+    table: jax.Array         # [V, inner] the projected token embeddings, bias included
+    pos: jax.Array           # [Ln_max, inner] projected position embeddings
+    slot: jax.Array          # [k_max, inner] projected slot embeddings
+    next: jax.Array | None   # [V, inner] projected next-token embeddings (neighbour_next)
+    end: jax.Array | None    # [inner] projected end-of-neighbour embedding (neighbour_next)
+
+
+NeighbourTables = tuple[tuple[ProjectionTables, ProjectionTables], ...]  # per layer (K, V)
 
 
 @dataclass(frozen=True)
@@ -121,20 +135,51 @@ class Captioner(nnx.Module):
             x = self.neighbour_norm(x)
         return constrain(x.reshape(b, k * ln, -1), ("batch", "length", "embed"))
 
-    def _linear_neighbours(self) -> bool:
+    def linear_neighbours(self) -> bool:
+        """Whether a neighbour token's memory is linear in its embeddings (no neighbour
+        layers, no projection), so its cross-attention K/V come from lookup tables."""
         return not self.neighbour_layers and self.neighbour_proj is None
 
-    def neighbour_kv(self, ids: jax.Array, mask: jax.Array) -> tuple[MemoryKV, jax.Array]:
+    def neighbour_tables(self) -> NeighbourTables:
+        """Per decoder layer, the (key, value) lookup tables of the neighbour memory.
+
+        Without neighbour layers the memory of a neighbour token is linear in its
+        embeddings, ``norm(wte)[id] + next(norm(wte)[id']) + pos[l] + slot[j]`` (``id'``
+        the following token), so each layer's K (and V) is
+        ``table[id] + next_table[id'] + P[l] + S[j]`` with ``table = key(norm(wte))``
+        projected once over the vocabulary (bias included there, once). Generation builds
+        them once per parameter set (:func:`ravlm_jax.generate.make_generator`), so a
+        chunk's new neighbours cost a gather instead of 2 x layers matmuls.
+        """
+        if not self.linear_neighbours():
+            raise ValueError("neighbour lookup tables need neighbour_layers=0 and no "
+                             "neighbour projection")
+        emb = self.neighbour_token_norm(self.decoder.wte.embedding[...])  # [V, W]
+        pos = self.neighbour_pos.embedding[...]  # [Ln_max, W]
+        slot = self.neighbour_slot.embedding[...]  # [k_max, W]
+        nxt = self.neighbour_next(emb) if self.neighbour_next is not None else None  # [V, W]
+        end = self.neighbour_end[...] if self.neighbour_next is not None else None  # [W]
+
+        def tables(lin: Linear) -> ProjectionTables:
+            kernel, dt = lin.kernel[...], lin.dtype  # [W, inner]
+            return ProjectionTables(
+                table=lin(emb),  # [V, inner]
+                pos=einsum("lw,wi->li", pos, kernel, dt),  # [Ln_max, inner]
+                slot=einsum("kw,wi->ki", slot, kernel, dt),  # [k_max, inner]
+                next=None if nxt is None else einsum("vw,wi->vi", nxt, kernel, dt),
+                end=None if end is None else einsum("w,wi->i", end, kernel, dt))
+
+        return tuple((tables(block.cross_attn.key), tables(block.cross_attn.value))
+                     for block in self.decoder.blocks)
+
+    def neighbour_kv(self, ids: jax.Array, mask: jax.Array,
+                     tables: NeighbourTables | None = None) -> tuple[MemoryKV, jax.Array]:
         """Cross-attention K/V of the neighbour memory: (MemoryKV over k*Ln slots, mask
         [B, k*Ln]).
 
-        Without neighbour layers the memory of a neighbour token is linear in its
-        embeddings, ``norm(wte)[id] + next(norm(wte)[id'])  + pos[l] + slot[j]`` (``id'``
-        the following token), so each layer's K (and V) is
-        ``table[id] + next_table[id'] + P[l] + S[j]`` with ``table = key(norm(wte))``
-        projected once over the vocabulary. When the vocabulary is smaller than the number
-        of neighbour tokens in the batch (the usual training case), that lookup is far
-        cheaper than projecting every token; otherwise the tokens are projected directly.
+        With linear neighbours the K/V are looked up in :meth:`neighbour_tables` (given,
+        or built here when the vocabulary is smaller than the number of neighbour tokens in
+        the batch, the usual training case); otherwise the tokens are projected directly.
         Both give the same K/V.
         """
         self._check_neighbours(ids)
@@ -142,34 +187,25 @@ class Captioner(nnx.Module):
         flat_mask = mask.reshape(b, k * ln).astype(bool)
         slot_ids = (jnp.where(flat_mask, ids.reshape(b, k * ln), -1) if self.config.copy_head
                     else None)  # [B, k*Ln]
-        if not (self._linear_neighbours() and self.decoder.cfg.vocab_size < b * k * ln):
-            kv = self.decoder.encode_memory(self.neighbour_memory(ids, mask))
-            return MemoryKV(keys=kv.keys, values=kv.values, ids=slot_ids), flat_mask
-        emb = self.neighbour_token_norm(self.decoder.wte.embedding[...])  # [V, W]
-        pos = self.neighbour_pos.embedding[...][:ln]  # [Ln, W]
-        slot = self.neighbour_slot.embedding[...][:k]  # [k, W]
+        if tables is None:
+            if not (self.linear_neighbours() and self.decoder.cfg.vocab_size < b * k * ln):
+                kv = self.decoder.encode_memory(self.neighbour_memory(ids, mask))
+                return MemoryKV(keys=kv.keys, values=kv.values, ids=slot_ids), flat_mask
+            tables = self.neighbour_tables()
         if self.neighbour_next is not None:
-            next_ids, is_last = _next_tokens(ids, mask)
-            next_emb = self.neighbour_next(emb)  # [V, W]
-            end = self.neighbour_end[...]  # [W]
+            next_ids, is_last = _next_tokens(ids, mask)  # [B, k, Ln] each
 
-        def project(lin) -> jax.Array:
-            kernel = lin.kernel[...]  # [W, inner]
-            table = lin(emb)  # [V, inner] (bias included once, here)
-            p = einsum("lw,wi->li", pos, kernel, lin.dtype)  # [Ln, inner]
-            s = einsum("kw,wi->ki", slot, kernel, lin.dtype)  # [k, inner]
-            out = table[ids] + p[None, None] + s[None, :, None]  # [B, k, Ln, inner]
-            if self.neighbour_next is not None:
-                nxt = einsum("vw,wi->vi", next_emb, kernel, lin.dtype)  # [V, inner]
-                e = einsum("w,wi->i", end, kernel, lin.dtype)  # [inner]
-                out = out + jnp.where(is_last[..., None], e, nxt[next_ids])
+        def look_up(t: ProjectionTables) -> jax.Array:
+            out = t.table[ids] + t.pos[None, None, :ln] + t.slot[None, :k, None]  # [B,k,Ln,I]
+            if t.next is not None:
+                out = out + jnp.where(is_last[..., None], t.end, t.next[next_ids])
             return out.reshape(b, k * ln, -1)  # [B, k*Ln, inner]
 
         keys, values = [], []
-        for block in self.decoder.blocks:
+        for block, (key_tables, value_tables) in zip(self.decoder.blocks, tables, strict=True):
             attn = block.cross_attn
-            keys.append(attn.heads_major(attn._split(project(attn.key))))  # [B, H, k*Ln, D]
-            values.append(attn.heads_major(attn._split(project(attn.value))))
+            keys.append(attn.heads_major(attn._split(look_up(key_tables))))  # [B, H, kLn, D]
+            values.append(attn.heads_major(attn._split(look_up(value_tables))))
         return MemoryKV(keys=tuple(keys), values=tuple(values), ids=slot_ids), flat_mask
 
     def image_kv(self, image_tokens: jax.Array) -> tuple[MemoryKV, jax.Array]:
@@ -178,13 +214,15 @@ class Captioner(nnx.Module):
         return kv, jnp.ones(image_tokens.shape[:2], bool)
 
     def chunk_memory_kv(self, image: tuple[MemoryKV, jax.Array] | None, ids: jax.Array,
-                        mask: jax.Array) -> tuple[MemoryKV, jax.Array]:
+                        mask: jax.Array, tables: NeighbourTables | None = None
+                        ) -> tuple[MemoryKV, jax.Array]:
         """The cross-attention memory of one generation chunk: image K/V (computed once
         per image) followed by the K/V of this chunk's k neighbours ([B, k, Ln]; k may be
-        0). Returns (MemoryKV [B, Ti + k*Ln], mask [B, Ti + k*Ln])."""
+        0; ``tables``: :meth:`neighbour_tables`, built once). Returns
+        (MemoryKV [B, Ti + k*Ln], mask [B, Ti + k*Ln])."""
         parts = [] if image is None else [image]
         if ids.shape[1] > 0:
-            parts.append(self.neighbour_kv(ids, mask))
+            parts.append(self.neighbour_kv(ids, mask, tables))
         if not parts:
             raise ValueError("empty memory: no image tokens and no neighbours")
         return concat_memory(parts)

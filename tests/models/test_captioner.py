@@ -107,6 +107,20 @@ def test_vocabulary_lookup_kv_equals_projecting_tokens(nxt):
     for a, b in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(fast_mask), np.asarray(mask.reshape(4, 20)) > 0)
+    # tables built once and given (generation), also where the batch alone would project
+    tables = jax.jit(model.neighbour_tables)()
+    for rows in (4, 1):
+        given, _ = model.neighbour_kv(ids[:rows, :3], mask[:rows, :3], tables)
+        direct = model.decoder.encode_memory(model.neighbour_memory(ids[:rows, :3],
+                                                                    mask[:rows, :3]))
+        for a, b in zip(given.keys + given.values, direct.keys + direct.values, strict=True):
+            assert a.shape == b.shape == (rows, 2, 15, 12)  # [B, H, k*Ln, D]
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_neighbour_tables_need_linear_neighbours():
+    with pytest.raises(ValueError, match="neighbour_layers=0"):
+        tiny_captioner(neighbour_layers=1).neighbour_tables()
 
 
 def test_copy_head_is_a_distribution_that_can_only_add_retrieved_tokens():
