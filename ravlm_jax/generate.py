@@ -521,8 +521,8 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     """``logits [N, V]`` -> the first index of each row's maximum ``[N]``, as ``argmax``.
 
     Computed as a max, then a min over the positions holding it: XLA:CPU runs
-    ``jnp.argmax``'s (value, index) reduction unvectorised, ~4x slower over a 30k
-    vocabulary, 9% of a batch-32 decoding step. Rows with NaN give the last id."""
+    ``jnp.argmax``'s (value, index) reduction unvectorised, 4x slower ([32, 30522]: 2.47
+    against 0.59 ms). Rows with NaN give the last id."""
     v = logits.shape[-1]
     top = logits.max(-1, keepdims=True)  # [N, 1]
     first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), -1)  # [N]
@@ -911,9 +911,9 @@ class Generator:
     query's own group. Returns :class:`GenerateOutput` (numpy). Parameters are read from
     the model at every call, so a generator made once follows a training model whose
     weights change in place (``nnx.update``, an optimizer step); the model's structure is
-    read once, at the first call (``nnx.split`` and hashing its graph cost ~15 ms of Python
-    per call, more than a batch-1 caption's decoding steps). The program is compiled once
-    per input shapes and shared by generators with the same settings.
+    read once, at the first call (``nnx.split`` and hashing its graph cost ~13 ms of Python
+    per call, a seventh of a batch-1 caption's). The program is compiled once per input
+    shapes and shared by generators with the same settings.
     """
 
     def __init__(self, model: Captioner, retriever: Any, cfg: GenerateConfig, k: int,
