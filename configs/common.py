@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.generate = ml_collections.ConfigDict(dict(
         strategy="beam", num_beams=3, length_penalty=1.0, max_len=20, temperature=1.0,
         top_k=0, top_p=1.0,
-        neighbour_table_mib=512.0))  # neighbour_layers=0: per-vocabulary K/V tables, 0: off
+        neighbour_table_mib=512.0,   # neighbour_layers=0: per-vocabulary K/V tables, 0: off
+        query_lengths=16))           # text-tower lengths compiled into the loop (1: one)
 
     c.eval = ml_collections.ConfigDict(dict(
         enabled=True, split="test", ks=(0, 1, 4, 8), max_examples=None, batch_size=64,

@@ -71,16 +71,19 @@ class Run:
             self._retriever = retriever_for(self.datastore, mesh=self.mesh)
         return self._retriever
 
-    def generator(self, k: int) -> Any:
-        """One generator per k; its compiled program is reused by every later call."""
+    def generator(self, k: int, query_lengths: int | None = None) -> Any:
+        """One generator per (k, query_lengths); its compiled program is reused by every
+        later call. ``query_lengths``: see ``GenerateConfig`` (None: the config's)."""
         from ravlm_jax.generate import make_generator  # noqa: PLC0415
 
-        if k not in self._generators:
+        key = (k, query_lengths)
+        if key not in self._generators:
             retriever = self.retriever() if k else None
-            self._generators[k] = make_generator(
+            extra = {} if query_lengths is None else {"query_lengths": query_lengths}
+            self._generators[key] = make_generator(
                 self.model, retriever, self.config, k=k, mesh=self.mesh,
-                tokenizer=self.tokenizer, text_tokenizer=self.text_tokenizer)
-        return self._generators[k]
+                tokenizer=self.tokenizer, text_tokenizer=self.text_tokenizer, **extra)
+        return self._generators[key]
 
 
 def _datastore_dir(checkpoint: Path, model_path: Path, datastore: str | None) -> Path | None:
@@ -256,7 +259,10 @@ def caption_images(run: Run, paths: Sequence[str], *, prompt: str | None = None,
 
     if not pending:
         return results
-    gen = run.generator(k)
+    # One call (a few images): compile time dominates, so the loop gets one text-tower
+    # length instead of one per chunk boundary (demo: 7.5 -> 4.4 s for its first caption).
+    one_call = len(pending) <= batch_size
+    gen = run.generator(k, query_lengths=1 if one_call else None)
     size = _batch_size(len(pending), batch_size)
     prompt_ids, prompt_mask = _prompt_ids(run, prompt, size)
     for start in range(0, len(pending), size):

@@ -430,6 +430,17 @@ def test_query_lengths_are_each_boundarys_text_without_padding():
     many = list(range(1, 40))  # chunk_len 1: too many branches -> powers of two
     assert _query_buckets(41, "same", many) == [8, 16, 32, 41]
     assert _query_buckets(26, "host", [4, 8]) == [26]
+    assert _query_buckets(26, "same", [4, 8], most=1) == [26]
+
+
+def test_one_query_length_pads_and_decodes_the_same(model, exact, pixels):
+    cfg = dict(strategy="greedy", max_len=T, **IDS)
+    want = make_generator(model, exact, cfg, k=K)(pixels, exclude_group_ids=EXCLUDE)
+    got = make_generator(model, exact, cfg, k=K, query_lengths=1)(
+        pixels, exclude_group_ids=EXCLUDE)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.neighbour_ids, want.neighbour_ids)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
 
 
 def test_k0_decodes_against_the_image_only(model, store, pixels):
