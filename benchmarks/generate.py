@@ -312,8 +312,7 @@ def neighbour_tables_cost(model, a: argparse.Namespace) -> dict:
     parameters stay the same (best of 3 compiled builds)."""
     import jax
 
-    shapes = jax.eval_shape(model.neighbour_tables)
-    mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) / 2**20
+    mib = model.neighbour_tables_mib()
     if not mib <= a.neighbour_table_mib:
         print("neighbour tables: not kept (each chunk projects its neighbours)", flush=True)
         return {"kept": False, "mib": round(mib, 1)}

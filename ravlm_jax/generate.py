@@ -936,8 +936,10 @@ class Generator:
         self._arrays = None
         self._split: tuple[Any, Any] | None = None  # (graphdef, state of the model's Variables)
         self._programs: dict[_Plan, Any] = {}
-        self._use_tables: bool | None = None
-        self._tables: tuple[list, Any] | None = None  # (parameter leaves, tables built of them)
+        # the neighbour K/V tables (see GenerateConfig), built at the first call
+        self._keep_tables = (bool(k) and model.linear_neighbours()
+                             and model.neighbour_tables_mib() <= cfg.neighbour_table_mib)
+        self._tables: tuple[list, Any] | None = None  # (parameter arrays, tables built of them)
 
     @property
     def traces(self) -> int:
@@ -979,23 +981,13 @@ class Generator:
         return _Plan(cfg=cfg, k=self.k, chunk_len=self.chunk_len, prompt_len=prompt_len,
                      query_len=query_len, neighbour_len=nb_len, pixels=pixels,
                      use_image=model.config.use_image_tokens,
-                     neighbour_tables=self._tables_fit())
+                     neighbour_tables=self._keep_tables)
 
-    def _tables_fit(self) -> bool:
-        """Whether this generator keeps the neighbour K/V tables (see GenerateConfig)."""
-        if self._use_tables is None:
-            model = self.model
-            self._use_tables = bool(self.k) and model.linear_neighbours()
-            if self._use_tables:
-                shapes = jax.eval_shape(model.neighbour_tables)
-                mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) / 2**20
-                self._use_tables = mib <= self.cfg.neighbour_table_mib
-        return self._use_tables
-
-    def _neighbour_tables(self, graphdef: Any, params: list, state: Any) -> Any:
-        """The tables of the model's current parameters ``params`` (built from ``state``,
-        the same placed on the mesh): rebuilt when any parameter array was replaced
+    def _neighbour_tables(self, graphdef: Any, state: Any) -> Any:
+        """The tables of the model's current parameters (built from ``state``, placed on
+        the mesh if any): rebuilt when any of the model's parameter arrays was replaced
         (``nnx.update``, an optimizer step; JAX arrays are immutable), else reused."""
+        params = jax.tree.leaves(self._split[1])  # the model's own arrays, unplaced
         if self._tables is not None and all(
                 a is b for a, b in zip(self._tables[0], params, strict=True)):
             return self._tables[1]
@@ -1086,7 +1078,6 @@ class Generator:
         if fn is None:
             fn = self._programs[plan] = self._program(graphdef, plan)
         arrays = self._device_arrays()
-        params = jax.tree.leaves(state)  # the model's current arrays
 
         # pad the batch to a multiple of the batch shards (padding rows are dropped)
         multiple = self._batch_multiple()
@@ -1103,7 +1094,7 @@ class Generator:
                 x, batch_sharding(self.mesh, x.ndim, self.rules)), batch)
         if plan.neighbour_tables:
             arrays = {**arrays,
-                      "neighbour_tables": self._neighbour_tables(graphdef, params, state)}
+                      "neighbour_tables": self._neighbour_tables(graphdef, state)}
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 out = fn(state, arrays, batch[0], rng, *batch[1:])

@@ -172,6 +172,11 @@ class Captioner(nnx.Module):
         return tuple((tables(block.cross_attn.key), tables(block.cross_attn.value))
                      for block in self.decoder.blocks)
 
+    def neighbour_tables_mib(self) -> float:
+        """The size :meth:`neighbour_tables` would take, in MiB (nothing is computed)."""
+        shapes = jax.eval_shape(self.neighbour_tables)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) / 2**20
+
     def neighbour_kv(self, ids: jax.Array, mask: jax.Array,
                      tables: NeighbourTables | None = None) -> tuple[MemoryKV, jax.Array]:
         """Cross-attention K/V of the neighbour memory: (MemoryKV over k*Ln slots, mask
