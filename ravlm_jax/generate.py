@@ -495,7 +495,7 @@ class QueryText:
 
 
 def _query_buckets(query_len: int, mode: str, boundary_text: Sequence[int] = (),
-                   most: int = 16, smallest: int = 8) -> list[int]:
+                   most: int = GenerateConfig.query_lengths, smallest: int = 8) -> list[int]:
     """Static text-tower lengths, ending with ``query_len``. ``boundary_text``: the longest
     text (prompt + generated ids) a row can hold at each chunk boundary; ``[CLS] text
     [SEP]`` at exactly those lengths when there are at most ``most`` of them (so each
