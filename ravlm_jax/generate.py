@@ -72,8 +72,10 @@ class GenerateConfig:
     which :func:`make_generator` must be given. ``neighbour_table_mib``: with linear
     neighbour memory (``neighbour_layers=0``), the per-vocabulary K/V tables
     (:meth:`Captioner.neighbour_tables`) are built once per parameter set and kept while
-    they take at most this many MiB (``2 x layers x V x width`` floats, twice that with
-    ``neighbour_next``); 0: every chunk projects its neighbours' tokens instead.
+    they take at most this many MiB per device (``2 x layers x V x width`` floats, twice
+    that with ``neighbour_next``; on a mesh each device keeps its heads' share, see
+    :func:`neighbour_table_shardings`); 0: every chunk projects its neighbours' tokens
+    instead.
     ``query_lengths``: at most this many static text-tower lengths in the loop (see
     :func:`_query_buckets`); each is a copy of the text tower in the compiled program, so
     fewer compile faster and pad short queries more. 1: one length (``infer.py`` on a few
@@ -898,6 +900,26 @@ class _Loop:
 # ============================================================================ the generator
 
 
+def neighbour_table_shardings(model: Captioner, mesh: Mesh, rules: Rules | None = None
+                              ) -> tuple[Any, int]:
+    """Where the neighbour K/V tables live on a mesh, and in how many parts.
+
+    Every table's last dimension (heads x head_dim) is split like the cross-attention
+    memory's heads (the ``heads`` rule), so each device keeps only its heads' columns of
+    the [V, inner] tables: a chunk's gather is then local and yields the head-sharded K/V
+    the attention reads, with no collective. Replicated instead, GPT-2 small's tables
+    (3.7 GB) would be on every chip. Returns (a pytree of NamedSharding matching
+    :meth:`Captioner.neighbour_tables`, the number of parts)."""
+    heads = model.decoder.blocks[0].cross_attn.num_heads
+    spec = logical_to_spec(("heads",), (heads,), mesh, rules)  # P(axes) or P(None)
+    axis = spec[0] if len(spec) else None
+    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    shapes = jax.eval_shape(model.neighbour_tables)
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, P(*(None,) * (x.ndim - 1), axis)), shapes)
+    return shardings, math.prod(mesh.shape[a] for a in axes)
+
+
 @functools.lru_cache(maxsize=8)
 def _table_builder(graphdef: Any, out_sharding: Any) -> Any:
     """One jitted :meth:`Captioner.neighbour_tables` per model structure (and placement)."""
@@ -937,8 +959,13 @@ class Generator:
         self._split: tuple[Any, Any] | None = None  # (graphdef, state of the model's Variables)
         self._programs: dict[_Plan, Any] = {}
         # the neighbour K/V tables (see GenerateConfig), built at the first call
-        self._keep_tables = (bool(k) and model.linear_neighbours()
-                             and model.neighbour_tables_mib() <= cfg.neighbour_table_mib)
+        self._keep_tables = bool(k) and model.linear_neighbours()
+        self._table_shardings = None
+        if self._keep_tables:
+            parts = 1
+            if mesh is not None:
+                self._table_shardings, parts = neighbour_table_shardings(model, mesh, rules)
+            self._keep_tables = model.neighbour_tables_mib() / parts <= cfg.neighbour_table_mib
         self._tables: tuple[list, Any] | None = None  # (parameter arrays, tables built of them)
 
     @property
@@ -984,15 +1011,14 @@ class Generator:
                      neighbour_tables=self._keep_tables)
 
     def _neighbour_tables(self, graphdef: Any, state: Any) -> Any:
-        """The tables of the model's current parameters (built from ``state``, placed on
-        the mesh if any): rebuilt when any of the model's parameter arrays was replaced
+        """The tables of the model's current parameters (built from ``state``, split over
+        the mesh's heads axis if any): rebuilt when any of the model's parameter arrays was replaced
         (``nnx.update``, an optimizer step; JAX arrays are immutable), else reused."""
         params = jax.tree.leaves(self._split[1])  # the model's own arrays, unplaced
         if self._tables is not None and all(
                 a is b for a, b in zip(self._tables[0], params, strict=True)):
             return self._tables[1]
-        out = NamedSharding(self.mesh, P()) if self.mesh is not None else None
-        build = _table_builder(graphdef, out)
+        build = _table_builder(graphdef, self._table_shardings)
         if self.mesh is not None:
             with jax.set_mesh(self.mesh):
                 tables = build(state)

@@ -21,6 +21,7 @@ from ravlm_jax.generate import (
     _query_buckets,
     greedy_tokens,
     make_generator,
+    neighbour_table_shardings,
     sample_logits,
 )
 from ravlm_jax.models.captioner import Captioner, CaptionerConfig
@@ -483,15 +484,34 @@ def test_runs_sharded_on_8_devices(model, store, exact, pixels, mesh8):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("neighbour_layers", [1, 0])  # 0: K/V tables, replicated
+@pytest.mark.parametrize("neighbour_layers", [1, 0])  # 0: K/V tables, split by heads
 def test_copy_head_beam_search_runs_sharded(store, exact, pixels, mesh8, neighbour_layers):
     model = tiny_captioner(copy_head=True, neighbour_layers=neighbour_layers)
     beam = dict(strategy="beam", num_beams=2, max_len=T, **IDS)
     want = make_generator(model, exact, beam, k=K)(pixels, exclude_group_ids=EXCLUDE)
-    got = make_generator(model, ExactRetriever(store, mesh8), beam, k=K, mesh=mesh8)(
-        pixels, exclude_group_ids=EXCLUDE)
+    gen = make_generator(model, ExactRetriever(store, mesh8), beam, k=K, mesh=mesh8)
+    got = gen(pixels, exclude_group_ids=EXCLUDE)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+    if neighbour_layers == 0:  # each device holds its heads' half of every table
+        keys = gen._tables[1][0][0]  # layer 0, key tables
+        assert keys.table.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+        assert keys.table.addressable_shards[0].data.shape == (VOCAB, 24 // 2)
+        assert keys.next is None and keys.pos.addressable_shards[0].data.shape[1] == 12
+
+
+def test_neighbour_table_size_limit_is_per_device(store, exact, mesh8):
+    """A cap between the tables' per-device share and their whole size keeps them only on
+    a mesh that splits them."""
+    model = tiny_captioner(neighbour_layers=0)
+    mib = model.neighbour_tables_mib()
+    shardings, parts = neighbour_table_shardings(model, mesh8)
+    assert parts == 2  # the tiny decoder's 2 heads over model=2
+    assert shardings[1][0].table.spec == jax.sharding.PartitionSpec(None, "model")
+    cap = dict(strategy="greedy", max_len=T, neighbour_table_mib=0.75 * mib, **IDS)
+    assert not make_generator(model, exact, cap, k=K)._keep_tables
+    assert make_generator(model, ExactRetriever(store, mesh8), cap, k=K,
+                          mesh=mesh8)._keep_tables
 
 
 @pytest.mark.slow
