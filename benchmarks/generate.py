@@ -28,12 +28,16 @@ side stops at EOS: both generate every token. The neighbour memory is linear (no
 neighbour layers), so ours gathers each chunk's neighbour K/V from per-vocabulary tables
 built once per parameter set, in the warm-up call; their size and build time are printed
 (``--neighbour-table-mib 0``: project each chunk's neighbours instead, as the baseline
-does). Timing: one warm-up call each (compilation
-for ours, allocator and kernel warm-up for torch), then ``--repeats`` timed calls; tokens/s
-and the speedups use each side's best call (the median is reported too: on a shared CPU the
-slow calls measure the neighbours' load, not the code). JSON keys ``speedup_b1`` /
-``speedup_b32`` compare ours (ScaNN callback) with the baseline; ``speedup_exact`` uses the
-in-graph exact search.
+does).
+
+Timing: one warm-up call each (compilation for ours, allocator and kernel warm-up for
+torch), then ``--repeats`` rounds of one timed call each, interleaved (the order reversed
+every other round), so a change in the shared machine's load falls on all of them alike.
+Tokens/s and the speedups use each side's best call (the median is reported too: on a
+shared CPU the slow calls measure the neighbours' load, not the code); the median of the
+per-round ratios is reported beside them. JSON keys ``speedup_b1`` / ``speedup_b32``
+compare ours (ScaNN callback) with the baseline; ``speedup_exact`` uses the in-graph exact
+search.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--image-tokens", type=int, default=36)
     p.add_argument("--neighbour-len", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -123,9 +127,6 @@ class TimedSearch:
         self.calls += 1
         return out
 
-    def reset(self):
-        self.calls, self.seconds = 0, 0.0
-
 
 def timed(fn, repeats: int) -> list[float]:
     """Wall times of ``repeats`` calls, after the caller's warm-up call."""
@@ -135,6 +136,26 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def interleaved(contenders: dict, repeats: int, search: TimedSearch
+                ) -> tuple[dict[str, list[float]], dict[str, tuple[int, float]]]:
+    """Wall times of ``repeats`` rounds, one call of each contender per round, the order
+    reversed every other round: a change in the machine's load (it is shared) then falls
+    on every contender alike, and round r's times can be compared with each other. Also
+    returns each contender's host-search (calls, seconds)."""
+    times = {name: [] for name in contenders}
+    searches = dict.fromkeys(contenders, (0, 0.0))
+    order = list(contenders)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            calls, seconds = search.calls, search.seconds
+            t0 = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - t0)
+            c, sec = searches[name]
+            searches[name] = (c + search.calls - calls, sec + search.seconds - seconds)
+    return times, searches
 
 
 # ============================================================================ ours
@@ -354,29 +375,35 @@ def main(a: argparse.Namespace) -> dict:
     chunks = -(-a.new_tokens // a.chunk)
     for b in a.batches:
         tokens = b * a.new_tokens
-        row = {}
-        for name, fn in (("ours_scann", run_ours(s, ours_model, s.scann, b)),
-                         ("ours_exact", run_ours(s, ours_model, exact, b)),
-                         ("hf_torch", run_baseline(s, baseline, b))):
+        contenders = {"ours_scann": run_ours(s, ours_model, s.scann, b),
+                      "ours_exact": run_ours(s, ours_model, exact, b),
+                      "hf_torch": run_baseline(s, baseline, b)}
+        first = {}
+        for name, fn in contenders.items():
             t0 = time.perf_counter()
             fn()  # warm-up: compilation for ours, allocators and kernels for torch
-            first = time.perf_counter() - t0
-            search.reset()
-            times = timed(fn, a.repeats)
-            best, median = min(times), statistics.median(times)
+            first[name] = time.perf_counter() - t0
+        times, searches = interleaved(contenders, a.repeats, search)
+        row = {}
+        for name in contenders:
+            best, median = min(times[name]), statistics.median(times[name])
             row[name] = {"seconds": round(best, 4), "median_s": round(median, 4),
                          "tokens_per_s": round(tokens / best, 1),
-                         "first_call_s": round(first, 2),
-                         "runs_s": [round(t, 4) for t in times]}
-            if name != "ours_exact" and search.calls:
-                per_call = search.seconds / search.calls
-                row[name]["retrieval_per_chunk_ms"] = round(1e3 * per_call, 3)
-                row[name]["retrieval_share"] = round(
-                    search.seconds / a.repeats / median, 3)
-                row[name]["retrieval_calls_per_run"] = search.calls / a.repeats
+                         "first_call_s": round(first[name], 2),
+                         "runs_s": [round(t, 4) for t in times[name]]}
+            calls, seconds = searches[name]
+            if calls:
+                row[name]["retrieval_per_chunk_ms"] = round(1e3 * seconds / calls, 3)
+                row[name]["retrieval_share"] = round(seconds / a.repeats / median, 3)
+                row[name]["retrieval_calls_per_run"] = calls / a.repeats
             print(f"batch {b:3d} {name:11s} {tokens / best:9.1f} tok/s  "
                   f"(best {best * 1e3:.0f} ms, median {median * 1e3:.0f} ms; first call "
-                  f"{first:.1f} s)", flush=True)
+                  f"{first[name]:.1f} s)", flush=True)
+        for ours in ("scann", "exact"):
+            ratios = [t / o for t, o in zip(times["hf_torch"], times[f"ours_{ours}"],
+                                                   strict=True)]
+            row[f"speedup_{ours}_rounds"] = [round(r, 3) for r in ratios]
+            row[f"speedup_{ours}_round_median"] = round(statistics.median(ratios), 2)
         row["speedup_scann"] = round(row["hf_torch"]["seconds"] / row["ours_scann"]["seconds"],
                                      2)
         row["speedup_exact"] = round(row["hf_torch"]["seconds"] / row["ours_exact"]["seconds"],
@@ -385,7 +412,9 @@ def main(a: argparse.Namespace) -> dict:
         result[f"batch_{b}"] = row
         result[f"speedup_b{b}"] = row["speedup_scann"]
         print(f"batch {b:3d} speedup: {row['speedup_scann']:.2f}x (scann callback), "
-              f"{row['speedup_exact']:.2f}x (exact in-graph)", flush=True)
+              f"{row['speedup_exact']:.2f}x (exact in-graph); median of the per-round "
+              f"ratios {row['speedup_scann_round_median']:.2f}x / "
+              f"{row['speedup_exact_round_median']:.2f}x", flush=True)
     return result
 
 
