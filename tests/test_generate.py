@@ -422,6 +422,8 @@ def test_greedy_tokens_equal_argmax_ties_included():
     logits = np.round(logits, 1)  # many ties below the maximum
     np.testing.assert_array_equal(np.asarray(jax.jit(greedy_tokens)(logits)),
                                   np.argmax(logits, -1))
+    vocab_major = jax.jit(functools.partial(greedy_tokens, axis=0))(logits.T)  # [V, N]
+    np.testing.assert_array_equal(np.asarray(vocab_major), np.argmax(logits, -1))
 
 
 def test_query_lengths_are_each_boundarys_text_without_padding():

@@ -346,3 +346,17 @@ def test_sharded_forward_and_cache_equal_single_device(mesh8):
         full, step = run(sharded, ids, mem)
     np.testing.assert_allclose(np.asarray(full), np.asarray(want_full), atol=1e-5)
     np.testing.assert_allclose(np.asarray(step), np.asarray(want_step), atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_vocab_major_logits_are_the_transposed_head(tied, dtype):
+    dec = _decoder(tie_word_embeddings=tied, dtype=dtype, **TINY)
+    if not tied:  # a bias, which GPT-2's head lacks, to check it lands on the vocabulary
+        dec = nnx.clone(dec)
+        dec.lm_head.bias = nnx.data(nnx.Param(jnp.arange(TINY["vocab_size"], dtype=jnp.float32)))
+    hidden = jax.random.normal(jax.random.key(0), (5, TINY["width"]), dtype)  # [N, W]
+    want = jax.jit(lambda h: dec.logits(h[:, None])[:, 0])(hidden)  # [N, V]
+    got = jax.jit(dec.vocab_major_logits)(hidden)  # [V, N]
+    assert got.shape == (TINY["vocab_size"], 5) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got).T, np.asarray(want), rtol=1e-6, atol=1e-6)
