@@ -197,7 +197,8 @@ class DecoderBlock(nnx.Module):
         drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
         x = layers.materialize_grad(x)  # the residual gradient is computed once per block
         h = self.ln_1(x)
-        q, k, v = self.self_attn.project_qkv(h)  # [B, T, H, D] each
+        q = self.self_attn.project_query(h)  # [B, T, H, D]
+        k, v = self.self_attn.project_kv(h)  # [B, T, H, D] each
         if layer_cache is not None:  # heads-major buffers [B, H, S, D]
             k_buf, v_buf = layer_cache
             k, v = self.self_attn.heads_major(k), self.self_attn.heads_major(v)  # [B,H,T,D]

@@ -299,19 +299,6 @@ class Attention(nnx.Module):
         """[B, Tk, kv_features] -> (k, v) each [B, Tk, H, D]; cacheable."""
         return self._split(self.key(memory)), self._split(self.value(memory))
 
-    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Self-attention's q, k, v ``[B, T, H, D]`` each, from one product with the three
-        kernels stacked ``[in, 3, inner]`` (stacked, not concatenated, so a kernel sharded
-        over its heads stays so): for a decoding step's few rows one [32, 256] x [256, 768]
-        product takes half the time of three [256, 256] ones (103 against 201 us here)."""
-        lins = (self.query, self.key, self.value)
-        kernel = jnp.stack([lin.kernel[...] for lin in lins], axis=1)  # [in, 3, inner]
-        bias = (None if self.query.bias is None else
-                jnp.stack([lin.bias[...] for lin in lins]))  # [3, inner]
-        y = einsum("...i,ico->...co", x, kernel, self.query.dtype, bias,
-                   out_dtype=self.query.out_dtype)  # [B, T, 3, inner]
-        return self._split(y[..., 0, :]), self._split(y[..., 1, :]), self._split(y[..., 2, :])
-
     def heads_major(self, x: jax.Array) -> jax.Array:
         """[B, T, H, D] -> [B, H, T, D]: the layout of caches and cached memory K/V."""
         return constrain(x.transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv"))
