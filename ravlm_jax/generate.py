@@ -34,6 +34,7 @@ Finished rows are masked: they emit padding and their later neighbours are recor
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -632,7 +633,7 @@ class _Loop:
         self.plan, self.cfg, self.mesh, self.query_text = plan, plan.cfg, mesh, query_text
         # greedy decoding without a copy head reads the LM head's logits only to pick the
         # best token and its log p: vocabulary-major logits are cheaper for several rows
-        self.vocab_major = plan.cfg.strategy == "greedy" and model.copy_query is None
+        self.vocab_major = plan.cfg.strategy == "greedy" and model.scores_are_logits()
 
     # ----------------------------------------------------------------- memory per chunk
     def retrieve(self, text: jax.Array, text_len: jax.Array, has_text: bool
@@ -684,11 +685,9 @@ class _Loop:
     def step(self, c: _Carry) -> _Carry:
         """Feed the pending token against the current chunk's memory, choose the next."""
         if self.vocab_major and c.pending.shape[0] > 1:  # one row: [1, V] is faster
-            hidden, cache = self.model.decoder.hidden_states(
-                c.pending[:, None], memory_kv=c.memory, memory_mask=c.memory_mask,
-                cache=c.cache)  # [N, 1, W]
+            logits_vn, cache = self.model.decode_step_vocab_major(
+                c.pending[:, None], c.memory, c.memory_mask, c.cache)  # [V, N]
             c = dataclasses.replace(c, cache=cache)
-            logits_vn = self.model.decoder.vocab_major_logits(hidden[:, -1])  # [V, N]
             tok = greedy_tokens(logits_vn, axis=0)
             top = logits_vn.max(0)  # [N] the chosen token's logit
             c, tok = self._record(c, tok, top - jax.nn.logsumexp(logits_vn, 0))
@@ -980,14 +979,19 @@ class Generator:
         self._split: tuple[Any, Any] | None = None  # (graphdef, state of the model's Variables)
         self._programs: dict[_Plan, Any] = {}
         # the neighbour K/V tables (see GenerateConfig), built at the first call
-        self._keep_tables = bool(k) and model.linear_neighbours()
-        self._table_shardings = None
-        if self._keep_tables:
+        self._keep_tables, self._table_shardings = False, None
+        if k and model.linear_neighbours():
             parts = 1
             if mesh is not None:
                 self._table_shardings, parts = neighbour_table_shardings(model, mesh, rules)
             self._keep_tables = model.neighbour_tables_mib() / parts <= cfg.neighbour_table_mib
         self._tables: tuple[list, Any] | None = None  # (parameter arrays, tables built of them)
+
+    @property
+    def keeps_neighbour_tables(self) -> bool:
+        """Whether chunks gather their neighbours' K/V from per-vocabulary tables kept
+        across calls (linear neighbour memory, within ``neighbour_table_mib`` per device)."""
+        return self._keep_tables
 
     @property
     def traces(self) -> int:
@@ -1031,20 +1035,21 @@ class Generator:
                      use_image=model.config.use_image_tokens,
                      neighbour_tables=self._keep_tables)
 
+    def _on_mesh(self) -> contextlib.AbstractContextManager:
+        """``jax.set_mesh`` of this generator's mesh, or nothing without one."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def _neighbour_tables(self, graphdef: Any, state: Any) -> Any:
         """The tables of the model's current parameters (built from ``state``, split over
-        the mesh's heads axis if any): rebuilt when any of the model's parameter arrays was replaced
-        (``nnx.update``, an optimizer step; JAX arrays are immutable), else reused."""
+        the mesh's heads axis if any): rebuilt when any of the model's parameter arrays
+        was replaced (``nnx.update``, an optimizer step; JAX arrays are immutable), else
+        reused."""
         params = jax.tree.leaves(self._split[1])  # the model's own arrays, unplaced
         if self._tables is not None and all(
                 a is b for a, b in zip(self._tables[0], params, strict=True)):
             return self._tables[1]
-        build = _table_builder(graphdef, self._table_shardings)
-        if self.mesh is not None:
-            with jax.set_mesh(self.mesh):
-                tables = build(state)
-        else:
-            tables = build(state)
+        with self._on_mesh():
+            tables = _table_builder(graphdef, self._table_shardings)(state)
         self._tables = (params, tables)
         return tables
 
@@ -1142,10 +1147,7 @@ class Generator:
         if plan.neighbour_tables:
             arrays = {**arrays,
                       "neighbour_tables": self._neighbour_tables(graphdef, state)}
-        if self.mesh is not None:
-            with jax.set_mesh(self.mesh):
-                out = fn(state, arrays, batch[0], rng, *batch[1:])
-        else:
+        with self._on_mesh():
             out = fn(state, arrays, batch[0], rng, *batch[1:])
         out = {key: np.asarray(jax.device_get(v))[:b] for key, v in out.items()}
         return GenerateOutput(tokens=out["tokens"], lengths=out["lengths"],

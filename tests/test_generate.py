@@ -315,6 +315,7 @@ def test_neighbour_tables_loop_equals_python_reference_and_follow_new_parameters
     projecting = make_generator(model, exact, cfg, k=K, neighbour_table_mib=0)
     out = gen(pixels, exclude_group_ids=EXCLUDE)
     assert gen._tables is not None and projecting._tables is None
+    assert gen.keeps_neighbour_tables and not projecting.keeps_neighbour_tables
     ref = Reference(model, store, K, CL, T).greedy(pixels, EXCLUDE)
     for b, (tokens, _used, score) in enumerate(ref):
         assert row_tokens(out, b) == tokens
@@ -511,9 +512,9 @@ def test_neighbour_table_size_limit_is_per_device(store, exact, mesh8):
     assert parts == 2  # the tiny decoder's 2 heads over model=2
     assert shardings[1][0].table.spec == jax.sharding.PartitionSpec(None, "model")
     cap = dict(strategy="greedy", max_len=T, neighbour_table_mib=0.75 * mib, **IDS)
-    assert not make_generator(model, exact, cap, k=K)._keep_tables
+    assert not make_generator(model, exact, cap, k=K).keeps_neighbour_tables
     assert make_generator(model, ExactRetriever(store, mesh8), cap, k=K,
-                          mesh=mesh8)._keep_tables
+                          mesh=mesh8).keeps_neighbour_tables
 
 
 @pytest.mark.slow

@@ -259,12 +259,31 @@ class Captioner(nnx.Module):
         logits = self.decoder.logits(hidden)  # [B, T, V]
         return self.output(logits, hidden, memory_kv, memory_mask), logits, cache
 
+    def scores_are_logits(self) -> bool:
+        """Whether :meth:`output` returns the LM head's logits unchanged (no copy head)."""
+        return self.copy_query is None
+
+    def decode_step_vocab_major(self, ids: jax.Array, memory_kv: MemoryKV,
+                                memory_mask: jax.Array, cache: KVCache
+                                ) -> tuple[jax.Array, KVCache]:
+        """One cached decoding step of :meth:`decode` with the scores vocabulary-major:
+        ids [N, 1] -> (logits [V, N], new cache). For a model whose scores are its logits
+        (:meth:`scores_are_logits`); a greedy choice reduces over the vocabulary either
+        way, and XLA:CPU computes the transposed head faster for a few rows
+        (:meth:`Decoder.vocab_major_logits`)."""
+        if not self.scores_are_logits():
+            raise ValueError("vocabulary-major decoding needs scores that are the logits "
+                             "(no copy head)")
+        hidden, cache = self.decoder.hidden_states(ids, memory_kv=memory_kv,
+                                                   memory_mask=memory_mask, cache=cache)
+        return self.decoder.vocab_major_logits(hidden[:, -1]), cache  # [V, N]
+
     def output(self, logits: jax.Array, hidden: jax.Array, memory_kv: MemoryKV,
                memory_mask: jax.Array) -> jax.Array:
         """The next-token scores the model predicts with: ``logits`` [B, T, V] as they are,
         or with ``copy_head``, ``log p`` of the pointer-generator mixture (see the module doc).
         hidden [B, T, W] (the decoder's final states); memory_mask [B, M] or [B, T, M]."""
-        if self.copy_query is None or memory_kv.ids is None:
+        if self.scores_are_logits() or memory_kv.ids is None:
             return logits
         b, t, v = logits.shape
         keys = memory_kv.keys[-1]  # [B, H, M, D]

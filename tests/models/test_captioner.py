@@ -118,6 +118,24 @@ def test_vocabulary_lookup_kv_equals_projecting_tokens(nxt):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_vocab_major_step_is_the_decode_step_transposed(copy_head):
+    model = tiny_captioner(neighbour_layers=0, copy_head=copy_head)
+    ids, pixels, nb, nb_mask = _inputs()
+    kv, mask = model.chunk_memory_kv(model.image_kv(model.encoder.image_tokens(pixels)),
+                                     nb[:, 0], nb_mask[:, 0])
+    cache = model.decoder.init_cache(ids.shape[0], 16)
+    if copy_head:  # its scores mix in the copy distribution: not the LM head's logits
+        with pytest.raises(ValueError, match="no copy head"):
+            model.decode_step_vocab_major(ids[:, :1], kv, mask, cache)
+        return
+    want, _, want_cache = model.decode(ids[:, :1], kv, mask, cache)  # [B, 1, V]
+    got, got_cache = model.decode_step_vocab_major(ids[:, :1], kv, mask, cache)  # [V, B]
+    np.testing.assert_allclose(np.asarray(got).T, np.asarray(want[:, 0]), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_neighbour_tables_need_linear_neighbours():
     with pytest.raises(ValueError, match="neighbour_layers=0"):
         tiny_captioner(neighbour_layers=1).neighbour_tables()
