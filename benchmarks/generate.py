@@ -6,6 +6,8 @@ Not a timed test: one process runs both on the same CPU, data and sizes, and rep
     python benchmarks/generate.py --json out.json            # batch 1 and 32
     python benchmarks/generate.py --batches 1 --new-tokens 8  # a quick look
     python benchmarks/generate.py --breakdown                 # where our loop's time goes
+    python benchmarks/generate.py --device gpu --width 768 --layers 12 --heads 12 \
+        --vocab 50257 --neighbour-table-mib 8192              # GPT-2 small's shape, a GPU
 
 Both sides generate ``--new-tokens`` tokens greedily for a batch of images, retrieving
 ``--k`` neighbours every ``--chunk`` tokens with the query ``E(text so far, image)``:
@@ -29,6 +31,10 @@ neighbour layers), so ours gathers each chunk's neighbour K/V from per-vocabular
 built once per parameter set, in the warm-up call; their size and build time are printed
 (``--neighbour-table-mib 0``: project each chunk's neighbours instead, as the baseline
 does).
+
+``--device gpu``: both models on the GPU (torch on ``cuda``, ours on JAX's default backend);
+the ScaNN search stays on the host for both, the exact search runs in-graph on the GPU.
+``--skip-torch`` (or torch missing: it is the optional ``bench`` extra) times ours alone.
 
 Timing: one warm-up call each (compilation for ours, allocator and kernel warm-up for
 torch), then ``--repeats`` rounds of one timed call each, interleaved (the order reversed
@@ -78,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--neighbour-table-mib", type=float, default=512.0,
                    help="ours: keep per-vocabulary neighbour K/V tables up to this size "
                         "(GenerateConfig.neighbour_table_mib; 0: project every chunk)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--skip-torch", action="store_true", help="time ours only")
     p.add_argument("--breakdown", action="store_true",
                    help="ours only: decoding alone, + neighbours once, + every chunk")
     return p.parse_args(argv)
@@ -223,12 +231,20 @@ def run_ours(s: Setup, model, retriever, batch: int, k: int | None = None,
 # ============================================================================ baseline
 
 
+def torch_device(a: argparse.Namespace):
+    import torch
+
+    return torch.device("cuda" if a.device == "gpu" else "cpu")
+
+
 def build_baseline(s: Setup):
     import torch
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
     a = s.a
     torch.manual_seed(a.seed)
+    if a.device == "gpu":  # JAX runs float32 GPU matmuls at its default (TF32) precision
+        torch.set_float32_matmul_precision("high")
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=a.vocab, n_positions=64, n_embd=a.width, n_layer=a.layers, n_head=a.heads,
         add_cross_attention=True, bos_token_id=101, eos_token_id=None, pad_token_id=0))
@@ -253,7 +269,7 @@ def build_baseline(s: Setup):
     parts = Parts()
     for m in (gpt2, bert, parts):
         m.eval()
-        m.to(getattr(torch, a.dtype))
+        m.to(device=torch_device(a), dtype=getattr(torch, a.dtype))
     return gpt2, bert, parts
 
 
@@ -264,41 +280,45 @@ def run_baseline(s: Setup, models, batch: int):
     gpt2, bert, parts = models
     a = s.a
     chunks = -(-a.new_tokens // a.chunk)
-    dtype = getattr(torch, a.dtype)
-    image_tokens = torch.from_numpy(s.image_tokens[:batch]).to(dtype)
-    image_pooled = torch.from_numpy(s.image_pooled[:batch]).to(dtype)
+    dtype, dev = getattr(torch, a.dtype), torch_device(a)
+    image_tokens = torch.from_numpy(s.image_tokens[:batch]).to(dev, dtype)
+    image_pooled = torch.from_numpy(s.image_pooled[:batch]).to(dev, dtype)
     exclude = np.full((batch,), -2, np.int32)
 
     @torch.no_grad()
     def generate():
         image_mem = parts.image_adapter(parts.image_norm(image_tokens))  # [B, Ti, W]
         u_img = F.normalize(parts.image_proj(image_pooled), dim=-1)  # [B, D]
-        ids = torch.full((batch, 1), 101, dtype=torch.long)  # BOS
+        ids = torch.full((batch, 1), 101, dtype=torch.long, device=dev)  # BOS
         for c in range(chunks):
             if c == 0:
                 q = u_img
             else:  # the query text: [CLS] generated ids [SEP], as ours forms it
                 text = ids[:, 1:]
-                q_ids = torch.cat([torch.full((batch, 1), 101), text,
-                                   torch.full((batch, 1), 102)], 1)
+                q_ids = torch.cat([torch.full((batch, 1), 101, device=dev), text,
+                                   torch.full((batch, 1), 102, device=dev)], 1)
                 hidden = bert(input_ids=q_ids).last_hidden_state  # [B, L, Wt]
                 u_txt = F.normalize(parts.text_proj(hidden.mean(1)), dim=-1)
                 both = u_img + u_txt + parts.fusion(torch.cat([u_img, u_txt], -1))
                 q = F.normalize(both, dim=-1)
-            _, rows, tokens = s.scann.host_search(q.float().numpy(), exclude, a.k)  # Python, host
-            nb = torch.from_numpy(tokens).long()  # [B, k, Ln]
+            _, rows, tokens = s.scann.host_search(q.float().cpu().numpy(), exclude,
+                                                  a.k)  # Python, host
+            nb = torch.from_numpy(tokens).long().to(dev)  # [B, k, Ln]
             nb_mem = (gpt2.transformer.wte(nb) + parts.neighbour_pos.weight[None, None]
                       + parts.neighbour_slot.weight[None, :, None])  # [B, k, Ln, W]
             memory = torch.cat([image_mem, nb_mem.reshape(batch, -1, a.width)], 1)
-            memory_mask = torch.cat([torch.ones(image_mem.shape[:2], dtype=torch.long),
-                                     ((nb != 0) & torch.from_numpy(rows >= 0)[..., None])
-                                     .reshape(batch, -1).long()], 1)
+            shown = torch.from_numpy(rows >= 0).to(dev)[..., None]  # [B, k, 1]
+            memory_mask = torch.cat([torch.ones(image_mem.shape[:2], dtype=torch.long,
+                                                device=dev),
+                                     ((nb != 0) & shown).reshape(batch, -1).long()], 1)
             new = min(a.chunk, a.new_tokens - c * a.chunk)
             ids = gpt2.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 encoder_hidden_states=memory,
                                 encoder_attention_mask=memory_mask, max_new_tokens=new,
                                 min_new_tokens=new, do_sample=False, num_beams=1,
                                 pad_token_id=0, eos_token_id=None, use_cache=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return ids
 
     return generate
@@ -350,21 +370,50 @@ def neighbour_tables_cost(s: Setup, model) -> dict:
     return {"kept": True, "mib": round(mib, 1), "build_s": round(best, 4)}
 
 
+def torch_skip_note(a: argparse.Namespace) -> str | None:
+    """None when the baseline can run, else why it is skipped."""
+    if a.skip_torch:
+        return "skipped by --skip-torch"
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f"torch baseline skipped: {e} (install the optional `bench` extra)"
+    if a.device == "gpu" and not torch.cuda.is_available():
+        return "torch baseline skipped: this torch build has no CUDA device"
+    return None
+
+
+def machine(a: argparse.Namespace) -> str:
+    import jax
+
+    host = f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}"
+    return f"{jax.devices()[0].device_kind}, {host}" if a.device == "gpu" else host
+
+
 def main(a: argparse.Namespace) -> dict:
     import jax
-    import torch
-    import transformers
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.device == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu, but JAX's backend is {jax.default_backend()}")
+    skip = torch_skip_note(a)
+    versions = {"jax": jax.__version__}
+    if skip is None:
+        import torch
+        import transformers
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        versions.update(torch=torch.__version__, transformers=transformers.__version__,
+                        torch_threads=torch.get_num_threads())
+    else:
+        print(skip, flush=True)
     from ravlm_jax.generate import ExactRetriever
 
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
-        "command": "python " + " ".join(sys.argv),
-        "jax": jax.__version__, "torch": torch.__version__,
-        "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+        "machine": machine(a), "device": a.device,
+        "command": "python " + " ".join(sys.argv), **versions, "torch_note": skip,
         "sizes": {"decoder_width": a.width, "layers": a.layers, "heads": a.heads,
                   "vocab": a.vocab, "memory": a.image_tokens + a.k * a.neighbour_len,
                   "new_tokens": a.new_tokens, "chunk": a.chunk, "k": a.k,
@@ -375,14 +424,15 @@ def main(a: argparse.Namespace) -> dict:
     ours_model = build_ours(s)
     exact = ExactRetriever((s.emb, s.tokens, s.groups))
     result["neighbour_tables"] = neighbour_tables_cost(s, ours_model)
-    baseline = build_baseline(s)
+    baseline = build_baseline(s) if skip is None else None
     search = TimedSearch(s.scann)
     chunks = -(-a.new_tokens // a.chunk)
     for b in a.batches:
         tokens = b * a.new_tokens
         contenders = {"ours_scann": run_ours(s, ours_model, s.scann, b),
-                      "ours_exact": run_ours(s, ours_model, exact, b),
-                      "hf_torch": run_baseline(s, baseline, b)}
+                      "ours_exact": run_ours(s, ours_model, exact, b)}
+        if baseline is not None:
+            contenders["hf_torch"] = run_baseline(s, baseline, b)
         first = {}
         for name, fn in contenders.items():
             t0 = time.perf_counter()
@@ -404,17 +454,18 @@ def main(a: argparse.Namespace) -> dict:
             print(f"batch {b:3d} {name:11s} {tokens / best:9.1f} tok/s  "
                   f"(best {best * 1e3:.0f} ms, median {median * 1e3:.0f} ms; first call "
                   f"{first[name]:.1f} s)", flush=True)
+        row["chunks"] = chunks
+        result[f"batch_{b}"] = row
+        result[f"speedup_b{b}"] = None
+        if baseline is None:
+            continue
         for ours in ("scann", "exact"):
             ratios = [t / o for t, o in
                       zip(times["hf_torch"], times[f"ours_{ours}"], strict=True)]
             row[f"speedup_{ours}_rounds"] = [round(r, 3) for r in ratios]
             row[f"speedup_{ours}_round_median"] = round(statistics.median(ratios), 2)
-        row["speedup_scann"] = round(row["hf_torch"]["seconds"] / row["ours_scann"]["seconds"],
-                                     2)
-        row["speedup_exact"] = round(row["hf_torch"]["seconds"] / row["ours_exact"]["seconds"],
-                                     2)
-        row["chunks"] = chunks
-        result[f"batch_{b}"] = row
+            row[f"speedup_{ours}"] = round(
+                row["hf_torch"]["seconds"] / row[f"ours_{ours}"]["seconds"], 2)
         result[f"speedup_b{b}"] = row["speedup_scann"]
         print(f"batch {b:3d} speedup: {row['speedup_scann']:.2f}x (scann callback), "
               f"{row['speedup_exact']:.2f}x (exact in-graph); median of the per-round "
@@ -423,14 +474,24 @@ def main(a: argparse.Namespace) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    args = parse_args()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    # torch's OpenMP threads spin at every op's barrier by default; on a CPU shared with
-    # other work a descheduled spinner stalls each op by a time slice. Passive waiting is the
-    # fair setting for the baseline (as in benchmarks/train_step.py).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def cli(argv: list[str] | None = None) -> dict:
+    """Parse flags, run, write ``--json``. Sets the environment before JAX and torch start
+    (where they have not yet)."""
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        # torch's OpenMP threads spin at every op's barrier by default; on a CPU shared
+        # with other work a descheduled spinner stalls each op by a time slice. Passive
+        # waiting is the fair setting for the baseline (as in benchmarks/train_step.py).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    else:  # JAX and torch share the GPU: JAX must not preallocate 75% of it
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     out = breakdown(args) if args.breakdown else main(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,7 +13,7 @@ import pytest
 from ravlm_jax.models.layers import materialize_grad
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
-GPU_SCRIPT = SCRIPT.with_name("train_step_gpu.sh")
+GPU_SCRIPT = SCRIPT.with_name("gpu.sh")
 
 
 def load_script():
