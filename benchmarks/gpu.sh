@@ -11,8 +11,8 @@
 #
 # Environment: PYTHON (default python3); WHAT (default "train generate"); DTYPES (train step,
 # default "float32 bfloat16"); WHEELS: a folder of wheels installed first into /tmp/site, for
-# a machine that has JAX and torch but no network (scann and ml_collections are what a
-# stock CUDA image lacks). Dry run on a machine without a GPU: DEVICE=cpu SIZE=tiny.
+# a machine that has JAX and torch but no network (benchmarks/gpu_wheels.txt lists them and
+# how to download them). Dry run on a machine without a GPU: DEVICE=cpu SIZE=tiny.
 # The torch baselines need a CUDA build of torch (the `bench` extra); without one the JSONs
 # carry ours only, with torch_note saying why.
 set -euo pipefail
