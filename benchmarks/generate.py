@@ -225,6 +225,10 @@ def run_ours(s: Setup, model, retriever, batch: int, k: int | None = None,
     gen = generator(s, model, retriever, s.a.k if k is None else k,
                     s.a.chunk if chunk is None else chunk)
     features = (s.image_tokens[:batch], s.image_pooled[:batch])
+    if s.a.device == "gpu":  # on the device once, as the baseline's tensors are
+        import jax
+
+        features = jax.device_put(features)
     return lambda: gen(features)
 
 
