@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Both speed benchmarks at large size on a GPU, in one run (a lent GPU's time is short):
-#   train step: ViT-B/16 at 224 + GPT-2 small (124M) with cross-attention, batch 64,
-#               float32 and bfloat16 compute (benchmarks/train_step.py);
+# Both speed benchmarks at large size on a GPU, in one run (a lent GPU's time is short),
+# generation first:
 #   generation: GPT-2 small's decoder shape (768 wide, 12 layers, 12 heads, vocabulary
 #               50,257) with cross-attention and the MiniLM-sized query tower, batch 1 and 32,
-#               24 tokens with a retrieval of 4 neighbours every 4 (benchmarks/generate.py).
+#               24 tokens with a retrieval of 4 neighbours every 4 (benchmarks/generate.py);
+#   train step: ViT-B/16 at 224 + GPT-2 small (124M) with cross-attention, batch 64,
+#               float32 and bfloat16 compute (benchmarks/train_step.py).
 # Writes one JSON per run to OUT_DIR and the whole output to OUT_DIR/gpu_log.txt.
 #
 #   benchmarks/gpu.sh [OUT_DIR]
 #
-# Environment: PYTHON (default python3); WHAT (default "train generate"); DTYPES (train step,
+# Environment: PYTHON (default python3); WHAT (default "generate train"); DTYPES (train step,
 # default "float32 bfloat16"); WHEELS: a folder of wheels installed first into /tmp/site, for
 # a machine that has JAX and torch but no network (benchmarks/gpu_wheels.txt lists them and
 # how to download them). Dry run on a machine without a GPU: DEVICE=cpu SIZE=tiny.
@@ -21,7 +22,7 @@ PY=${PYTHON:-python3}
 OUT_DIR=${1:-benchmarks/results}
 DEVICE=${DEVICE:-gpu}
 SIZE=${SIZE:-large}
-WHAT=${WHAT:-train generate}
+WHAT=${WHAT:-generate train}
 DTYPES=${DTYPES:-float32 bfloat16}
 mkdir -p "$OUT_DIR"
 if [[ -n "${WHEELS:-}" ]]; then
