@@ -31,6 +31,23 @@ if [[ -n "${WHEELS:-}" ]]; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # ravlm_jax from this checkout
+# fail in seconds, not after a GPU's minutes, when a package is missing or too old
+missing=$("$PY" - <<'PY' 2>/dev/null || echo "python failed to start"
+import importlib
+bad = []
+for name in ("jax", "flax.nnx", "optax", "ml_collections", "scann", "ravlm_jax.generate",
+             "ravlm_jax.train.steps"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - report every failure in one line
+        bad.append(f"{name} ({type(e).__name__}: {e})")
+print("; ".join(bad))
+PY
+)
+if [[ -n "$missing" ]]; then
+  echo "gpu.sh: cannot import: $missing (see benchmarks/gpu_wheels.txt)" >&2
+  exit 2
+fi
 if [[ "$DEVICE" == gpu ]]; then
   backend=$("$PY" -c "import jax; print(jax.default_backend())")
   if [[ "$backend" != gpu ]]; then
