@@ -535,11 +535,16 @@ def greedy_tokens(logits: jax.Array, axis: int = -1) -> jax.Array:
     Computed as a max, then a min over the positions holding it: XLA:CPU runs
     ``jnp.argmax``'s (value, index) reduction unvectorised, 4x slower ([32, 30522]: 2.47
     against 0.59 ms). Rows with NaN give the last id."""
+    return _greedy_and_max(logits, axis)[0]
+
+
+def _greedy_and_max(logits: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`greedy_tokens` and the maximum it found (the chosen token's logit), [N] each."""
     v = logits.shape[axis]
     top = logits.max(axis, keepdims=True)  # [N, 1] or [1, N]
     ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis % logits.ndim)
     first = jnp.min(jnp.where(logits == top, ids, v), axis)  # [N]
-    return jnp.minimum(first, v - 1)
+    return jnp.minimum(first, v - 1), jnp.squeeze(top, axis)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
@@ -687,10 +692,7 @@ class _Loop:
         if self.vocab_major and c.pending.shape[0] > 1:  # one row: [1, V] is faster
             logits_vn, cache = self.model.decode_step_vocab_major(
                 c.pending[:, None], c.memory, c.memory_mask, c.cache)  # [V, N]
-            c = dataclasses.replace(c, cache=cache)
-            tok = greedy_tokens(logits_vn, axis=0)
-            top = logits_vn.max(0)  # [N] the chosen token's logit
-            c, tok = self._record(c, tok, top - jax.nn.logsumexp(logits_vn, 0))
+            c, tok = self.choose_greedy(dataclasses.replace(c, cache=cache), logits_vn, 0)
             return dataclasses.replace(c, pending=tok)
         logits, _, cache = self.model.decode(c.pending[:, None], c.memory, c.memory_mask,
                                              c.cache)
@@ -723,14 +725,21 @@ class _Loop:
                                    text_len=c.text_len + write.astype(jnp.int32),
                                    step=c.step + 1)
 
+    def choose_greedy(self, c: _Carry, logits: jax.Array, vocab_axis: int = -1
+                      ) -> tuple[_Carry, jax.Array]:
+        """The best token of each row and its log p, from [N, V] logits or vocabulary-major
+        [V, N] ones (``vocab_axis=0``); no [N, V] log-softmax is materialised."""
+        logits = logits.astype(jnp.float32)
+        tok, top = _greedy_and_max(logits, vocab_axis)  # [N], [N]
+        return self._record(c, tok, top - jax.nn.logsumexp(logits, vocab_axis))
+
     def choose_sampled(self, c: _Carry, logits: jax.Array) -> tuple[_Carry, jax.Array]:
         cfg = self.cfg
-        logits = logits.astype(jnp.float32)  # [N, V]
         if cfg.strategy == "greedy":
-            tok = greedy_tokens(logits)
-        else:
-            key = jax.random.fold_in(self.rng, c.step)
-            tok = sample_logits(logits, key, cfg.temperature, cfg.top_k, cfg.top_p)
+            return self.choose_greedy(c, logits)
+        logits = logits.astype(jnp.float32)  # [N, V]
+        key = jax.random.fold_in(self.rng, c.step)
+        tok = sample_logits(logits, key, cfg.temperature, cfg.top_k, cfg.top_p)
         # log p(tok) without materialising the [N, V] log-softmax
         tok_logp = (jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]
                     - jax.nn.logsumexp(logits, -1))  # [N]

@@ -152,6 +152,13 @@ class Linear(nnx.Module):
         return einsum("...i,io->...o", x, self.kernel[...], self.dtype, bias,
                       out_dtype=self.out_dtype)  # [..., in] -> [..., out]
 
+    def transposed(self, x: jax.Array) -> jax.Array:
+        """``self(x).T`` for rows ``x [N, in]`` -> ``[out, N]``, computed in that layout
+        (an output-major head; see :meth:`Decoder.vocab_major_logits`)."""
+        bias = None if self.bias is None else self.bias[...][:, None]  # [out, 1]
+        return einsum("ni,io->on", x, self.kernel[...], self.dtype, bias,
+                      out_dtype=self.out_dtype)
+
 
 class Embed(nnx.Module):
     """Token or position embedding ``[num, features]``; ``attend`` is the tied output head."""
@@ -169,6 +176,11 @@ class Embed(nnx.Module):
         """The tied output head: float32 logits (computed in ``dtype``)."""
         return einsum("...d,vd->...v", x, self.embedding[...], self.dtype,
                       out_dtype=jnp.float32)  # [..., num]
+
+    def attend_transposed(self, x: jax.Array) -> jax.Array:
+        """``attend(x).T`` for rows ``x [N, features]`` -> ``[num, N]`` float32, computed
+        in that layout (see :meth:`Decoder.vocab_major_logits`)."""
+        return einsum("nd,vd->vn", x, self.embedding[...], self.dtype, out_dtype=jnp.float32)
 
 
 class LayerNorm(nnx.Module):
