@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -59,6 +58,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import machine, torch_skip_note, versions  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -374,50 +376,28 @@ def neighbour_tables_cost(s: Setup, model) -> dict:
     return {"kept": True, "mib": round(mib, 1), "build_s": round(best, 4)}
 
 
-def torch_skip_note(a: argparse.Namespace) -> str | None:
-    """None when the baseline can run, else why it is skipped."""
-    if a.skip_torch:
-        return "skipped by --skip-torch"
-    try:
-        import torch
-        import transformers  # noqa: F401
-    except ImportError as e:
-        return f"torch baseline skipped: {e} (install the optional `bench` extra)"
-    if a.device == "gpu" and not torch.cuda.is_available():
-        return "torch baseline skipped: this torch build has no CUDA device"
-    return None
-
-
-def machine(a: argparse.Namespace) -> str:
-    import jax
-
-    host = f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}"
-    return f"{jax.devices()[0].device_kind}, {host}" if a.device == "gpu" else host
-
-
 def main(a: argparse.Namespace) -> dict:
     import jax
 
     if a.device == "gpu" and jax.default_backend() != "gpu":
         raise SystemExit(f"--device gpu, but JAX's backend is {jax.default_backend()}")
-    skip = torch_skip_note(a)
-    versions = {"jax": jax.__version__}
+    skip = torch_skip_note(a.skip_torch, a.device)
+    torch_threads = None
     if skip is None:
         import torch
-        import transformers
 
         if a.threads:
             torch.set_num_threads(a.threads)
-        versions.update(torch=torch.__version__, transformers=transformers.__version__,
-                        torch_threads=torch.get_num_threads())
+        torch_threads = torch.get_num_threads()
     else:
         print(skip, flush=True)
     from ravlm_jax.generate import ExactRetriever
 
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(a), "device": a.device,
-        "command": "python " + " ".join(sys.argv), **versions, "torch_note": skip,
+        "machine": machine(a.device), "device": a.device,
+        "command": "python " + " ".join(sys.argv), "versions": versions(),
+        "torch_threads": torch_threads, "torch_note": skip,
         "sizes": {"decoder_width": a.width, "layers": a.layers, "heads": a.heads,
                   "vocab": a.vocab, "memory": a.image_tokens + a.k * a.neighbour_len,
                   "new_tokens": a.new_tokens, "chunk": a.chunk, "k": a.k,

@@ -110,7 +110,6 @@ if args is not None:
 
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -118,6 +117,9 @@ from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import machine, torch_skip_note, versions  # noqa: E402
 
 LR, WARMUP, TOTAL_STEPS, WEIGHT_DECAY, GRAD_CLIP = 1e-4, 100, 10_000, 0.01, 1.0
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -352,16 +354,6 @@ def build_torch(s: dict[str, int], a: argparse.Namespace, pixels: np.ndarray,
     return run, info
 
 
-def torch_available() -> str | None:
-    """None if torch and transformers import, else why not."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        return f"torch baseline skipped: {e} (install the optional `bench` extra)"
-    return None
-
-
 # ----------------------------------------------------------------------------- timing
 
 
@@ -379,34 +371,6 @@ def summary(values: list[float]) -> dict[str, float]:
     q = np.percentile(values, [25, 75]) if len(values) > 1 else (values[0], values[0])
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "iqr": float(q[1] - q[0])}
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "missing"
-    return out
-
-
-def _machine(device: str) -> str:
-    import jax
-
-    if device == "gpu":
-        return f"{jax.devices()[0].device_kind}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cpus ({len(os.sched_getaffinity(0))} used)"
 
 
 def measure_rounds(sides: dict[str, Callable[[int], float]],
@@ -460,12 +424,7 @@ def main(a: argparse.Namespace) -> dict:
     s = a.shape
     if a.device == "gpu" and jax.default_backend() != "gpu":
         raise SystemExit(f"--device gpu, but JAX's backend is {jax.default_backend()}")
-    skip_note = "skipped by --skip-torch" if a.skip_torch else torch_available()
-    if skip_note is None and a.device == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            skip_note = "torch baseline skipped: this torch build has no CUDA device"
+    skip_note = torch_skip_note(a.skip_torch, a.device)
     pixels, ids = make_batch(s, a.seed)
     load_start = os.getloadavg()
 
@@ -506,11 +465,11 @@ def report(a: argparse.Namespace, rounds: dict, ours_info: dict, torch_info: dic
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(sys.argv) if a is args else None,
-        "machine": _machine(a.device),
+        "machine": machine(a.device),
         "device": a.device,
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "versions": _versions(),
+        "versions": versions(),
         "config": {"size": a.size, **s, "dtype": a.dtype, "threads": a.threads,
                    "warmup": a.warmup, "steps_per_round": a.steps, "rounds": a.rounds,
                    "optimizer": f"AdamW lr {LR} warmup {WARMUP} cosine to {TOTAL_STEPS}, "

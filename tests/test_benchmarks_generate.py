@@ -51,4 +51,4 @@ def test_gpu_run_refused_without_a_gpu():
 
 def test_torch_skip_note():
     bench = load_script()
-    assert bench.torch_skip_note(bench.parse_args(["--skip-torch"])) == "skipped by --skip-torch"
+    assert bench.torch_skip_note(True, "cpu") == "skipped by --skip-torch"
